@@ -1,0 +1,143 @@
+-- usage_agg: tables and configuration.
+-- Every name is schema-qualified and every function pins its search_path, so a
+-- caller's search_path cannot redirect what the extension does.
+
+-- ---------------------------------------------------------------------------
+-- Configuration: one typed row, validated on change.
+-- ---------------------------------------------------------------------------
+CREATE TABLE usage_agg.config (
+    timezone           text     NOT NULL DEFAULT 'UTC',
+    detail_retention   interval NOT NULL DEFAULT '30 days',
+    daily_retention    interval NOT NULL DEFAULT '90 days',
+    cleanup_batch_size integer  NOT NULL DEFAULT 10000,
+    CONSTRAINT config_detail_retention_positive CHECK (detail_retention > interval '0'),
+    CONSTRAINT config_daily_retention_covers_detail CHECK (daily_retention >= detail_retention),
+    CONSTRAINT config_cleanup_batch_size_range CHECK (cleanup_batch_size BETWEEN 1 AND 1000000)
+);
+-- At most one row: an index on a constant.
+CREATE UNIQUE INDEX config_single_row ON usage_agg.config ((true));
+
+COMMENT ON TABLE usage_agg.config IS
+    'usage_agg settings: exactly one row. Change with UPDATE usage_agg.config SET ...';
+COMMENT ON COLUMN usage_agg.config.timezone IS
+    'Business time zone (IANA name) that decides which day a call belongs to';
+
+CREATE FUNCTION usage_agg._config_validate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names WHERE name = NEW.timezone) THEN
+        RAISE EXCEPTION 'usage_agg: invalid time zone "%"', NEW.timezone
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'usage_agg.config.timezone must be a time zone name known to the server.',
+                  HINT = 'Use an IANA name such as ''UTC'', ''Asia/Shanghai'' or ''America/New_York'' (see pg_timezone_names).';
+    END IF;
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT 1 FROM usage_agg.config) THEN
+        -- A restore (pg_dump data of this config table) lands on the row that
+        -- CREATE EXTENSION made: take the restored values instead of failing.
+        UPDATE usage_agg.config
+           SET timezone = NEW.timezone,
+               detail_retention = NEW.detail_retention,
+               daily_retention = NEW.daily_retention,
+               cleanup_batch_size = NEW.cleanup_batch_size;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE FUNCTION usage_agg._config_keep_row() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'usage_agg: the configuration row cannot be deleted'
+        USING ERRCODE = 'object_in_use',
+              HINT = 'Change settings with UPDATE usage_agg.config SET ...';
+END;
+$$;
+
+CREATE TRIGGER config_validate
+    BEFORE INSERT OR UPDATE ON usage_agg.config
+    FOR EACH ROW EXECUTE FUNCTION usage_agg._config_validate();
+CREATE TRIGGER config_keep_row
+    BEFORE DELETE ON usage_agg.config
+    FOR EACH ROW EXECUTE FUNCTION usage_agg._config_keep_row();
+CREATE TRIGGER config_keep_row_truncate
+    BEFORE TRUNCATE ON usage_agg.config
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_agg._config_keep_row();
+
+INSERT INTO usage_agg.config DEFAULT VALUES;
+
+-- ---------------------------------------------------------------------------
+-- Detail: one row per API call.
+-- ---------------------------------------------------------------------------
+CREATE TABLE usage_agg.key_usage_logs (
+    id             uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    shared_key_id  uuid,
+    user_id        uuid        NOT NULL,
+    api_endpoint   text,
+    model_used     text,
+    tokens_used    integer,
+    cost_estimate  numeric,
+    success        boolean     NOT NULL DEFAULT true,
+    error_message  text,
+    request_id     text        UNIQUE,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT key_usage_logs_tokens_used_not_negative CHECK (tokens_used >= 0),
+    -- NaN sorts above Infinity in numeric, so the upper bound rejects both.
+    CONSTRAINT key_usage_logs_cost_estimate_finite_not_negative
+        CHECK (cost_estimate >= 0 AND cost_estimate < 'Infinity'::numeric)
+);
+-- Per-user day ranges (verify, rebuild, corrections) and retention by age.
+CREATE INDEX key_usage_logs_user_created_at ON usage_agg.key_usage_logs (user_id, created_at);
+CREATE INDEX key_usage_logs_created_at ON usage_agg.key_usage_logs (created_at);
+
+COMMENT ON TABLE usage_agg.key_usage_logs IS
+    'One row per API call. Inserts, updates and deletes are folded into usage_agg.daily_logs.';
+COMMENT ON COLUMN usage_agg.key_usage_logs.request_id IS
+    'Optional idempotency key: INSERT ... ON CONFLICT (request_id) DO NOTHING counts a retried call once';
+
+-- ---------------------------------------------------------------------------
+-- Daily aggregate per user and business day.
+-- ---------------------------------------------------------------------------
+CREATE TABLE usage_agg.daily_logs (
+    id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id       uuid        NOT NULL,
+    date          date        NOT NULL,
+    log_data      jsonb       NOT NULL,
+    last_modified timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT daily_logs_user_id_date_key UNIQUE (user_id, date)
+) WITH (fillfactor = 70);  -- room for HOT updates: every fold rewrites the row
+CREATE INDEX daily_logs_date ON usage_agg.daily_logs (date);
+
+COMMENT ON TABLE usage_agg.daily_logs IS
+    'Per-user daily usage, kept exact by the fold trigger on usage_agg.key_usage_logs. '
+    'Keys of log_data other than api_call_count, shared_service_usage and last_api_call_at belong to the application.';
+
+-- ---------------------------------------------------------------------------
+-- Helpers shared by the fold, verification and rebuild.
+-- ---------------------------------------------------------------------------
+
+-- The canonical text of last_api_call_at: 2026-01-15T11:45:00Z, with .ffffff only
+-- when the microseconds are not zero. The Rust fold writes the same text.
+CREATE FUNCTION usage_agg._iso_utc(ts timestamptz) RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE
+    WHEN pg_catalog.date_part('microseconds', ts AT TIME ZONE 'UTC')::bigint % 1000000 = 0
+        THEN pg_catalog.to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+    ELSE pg_catalog.to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+END;
+
+-- First instant of a business day in the configured time zone.
+CREATE FUNCTION usage_agg._day_start(day date, tz text) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN (day::timestamp AT TIME ZONE tz);
+
+-- pg_dump keeps the data of these tables (they are extension members).
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.config', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.key_usage_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.daily_logs', '');

@@ -1,0 +1,222 @@
+-- Verification and rebuild of daily_logs from the detail.
+
+-- What daily_logs must hold (the owned fields) for every (user, day) with detail
+-- in [p_from, p_to], computed by GROUP BY over key_usage_logs.
+CREATE FUNCTION usage_agg._detail_aggregates(p_from date, p_to date)
+RETURNS TABLE (user_id uuid, date date, log_data jsonb)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH tz AS (
+        SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name
+    ), calls AS (
+        SELECT k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS day,
+               k.model_used, k.shared_key_id, k.success, k.tokens_used, k.cost_estimate, k.created_at
+          FROM usage_agg.key_usage_logs k, tz
+         WHERE k.created_at >= usage_agg._day_start(p_from, tz.name)
+           AND k.created_at <  usage_agg._day_start(p_to + 1, tz.name)
+    ), per_day AS (
+        SELECT c.user_id, c.day,
+               count(*) AS calls,
+               count(*) FILTER (WHERE c.success) AS successful,
+               count(*) FILTER (WHERE NOT c.success) AS failed,
+               COALESCE(sum(c.tokens_used), 0) AS tokens,
+               COALESCE(sum(c.cost_estimate), 0) AS cost,
+               max(c.created_at) AS last_at
+          FROM calls c GROUP BY c.user_id, c.day
+    ), per_model AS (
+        SELECT m.user_id, m.day,
+               jsonb_object_agg(m.model_used, jsonb_build_object(
+                   'calls', m.calls, 'tokens', m.tokens, 'cost', m.cost)) AS by_model
+          FROM (SELECT c.user_id, c.day, c.model_used, count(*) AS calls,
+                       COALESCE(sum(c.tokens_used), 0) AS tokens,
+                       COALESCE(sum(c.cost_estimate), 0) AS cost
+                  FROM calls c WHERE c.model_used IS NOT NULL
+                 GROUP BY c.user_id, c.day, c.model_used) m
+         GROUP BY m.user_id, m.day
+    ), per_key AS (
+        SELECT k.user_id, k.day,
+               jsonb_agg(k.key ORDER BY k.key) AS keys_used,
+               jsonb_object_agg(k.key, jsonb_build_object(
+                   'calls', k.calls, 'tokens', k.tokens, 'cost', k.cost)) AS by_key
+          FROM (SELECT c.user_id, c.day, c.shared_key_id::text AS key, count(*) AS calls,
+                       COALESCE(sum(c.tokens_used), 0) AS tokens,
+                       COALESCE(sum(c.cost_estimate), 0) AS cost
+                  FROM calls c WHERE c.shared_key_id IS NOT NULL
+                 GROUP BY c.user_id, c.day, c.shared_key_id) k
+         GROUP BY k.user_id, k.day
+    )
+    SELECT d.user_id, d.day,
+           jsonb_build_object(
+               'api_call_count', d.calls,
+               'shared_service_usage', jsonb_build_object(
+                   'total_calls', d.calls,
+                   'successful_calls', d.successful,
+                   'failed_calls', d.failed,
+                   'tokens_used', d.tokens,
+                   'estimated_cost', d.cost,
+                   'keys_used', COALESCE(k.keys_used, '[]'::jsonb),
+                   'by_model', COALESCE(m.by_model, '{}'::jsonb),
+                   'by_key', COALESCE(k.by_key, '{}'::jsonb)),
+               'last_api_call_at', usage_agg._iso_utc(d.last_at))
+      FROM per_day d
+      LEFT JOIN per_model m ON m.user_id = d.user_id AND m.day = d.day
+      LEFT JOIN per_key k ON k.user_id = d.user_id AND k.day = d.day
+$$;
+
+-- The owned fields of a day without calls.
+CREATE FUNCTION usage_agg._empty_log_data() RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN '{"api_call_count": 0,
+         "shared_service_usage": {"total_calls": 0, "successful_calls": 0, "failed_calls": 0,
+                                  "tokens_used": 0, "estimated_cost": 0, "keys_used": [],
+                                  "by_model": {}, "by_key": {}},
+         "last_api_call_at": null}'::jsonb;
+
+-- Replaces the owned fields of a stored document, keeping every application key
+-- (top level and inside shared_service_usage).
+CREATE FUNCTION usage_agg._replace_owned(stored jsonb, owned jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN jsonb_typeof(stored) = 'object' THEN stored ELSE '{}'::jsonb END
+       || jsonb_build_object(
+            'api_call_count', owned->'api_call_count',
+            'shared_service_usage',
+                CASE WHEN jsonb_typeof(stored->'shared_service_usage') = 'object'
+                     THEN (stored->'shared_service_usage')
+                          - ARRAY['total_calls', 'successful_calls', 'failed_calls', 'tokens_used',
+                                  'estimated_cost', 'keys_used', 'by_model', 'by_key']
+                     ELSE '{}'::jsonb END
+                || (owned->'shared_service_usage'),
+            'last_api_call_at', owned->'last_api_call_at');
+
+-- A jsonb array sorted, for comparing keys_used as a set; other values unchanged.
+CREATE FUNCTION usage_agg._sorted_array(v jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN jsonb_typeof(v) = 'array'
+            THEN COALESCE((SELECT jsonb_agg(e ORDER BY e) FROM jsonb_array_elements(v) e), '[]'::jsonb)
+            ELSE v END;
+
+CREATE FUNCTION usage_agg._check_day_range(p_from date, p_to date) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_from IS NULL OR p_to IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: the day range must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass two dates, for example (''2026-01-01'', ''2026-01-31'').';
+    END IF;
+    IF p_from > p_to THEN
+        RAISE EXCEPTION 'usage_agg: the day range starts after it ends'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('from = %s, to = %s', p_from, p_to),
+                  HINT = 'Pass the earlier date first.';
+    END IF;
+    IF p_from = '-infinity'::date OR p_to = 'infinity'::date THEN
+        RAISE EXCEPTION 'usage_agg: the day range must be finite'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END;
+$$;
+
+-- Every (user, date, field) in [p_from, p_to] where daily_logs and a GROUP BY over
+-- key_usage_logs disagree. No rows: consistent.
+CREATE FUNCTION usage_agg.verify_daily_logs(p_from date, p_to date)
+RETURNS TABLE (user_id uuid, date date, field text, aggregate_value jsonb, detail_value jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg._check_day_range(p_from, p_to);
+    RETURN QUERY
+    WITH expected AS (
+        SELECT e.user_id, e.date, e.log_data FROM usage_agg._detail_aggregates(p_from, p_to) e
+    ), stored AS (
+        SELECT d.user_id, d.date, d.log_data FROM usage_agg.daily_logs d
+         WHERE d.date BETWEEN p_from AND p_to
+    ), pairs AS (
+        SELECT COALESCE(s.user_id, e.user_id) AS user_id,
+               COALESCE(s.date, e.date) AS date,
+               CASE WHEN s.log_data IS NULL THEN NULL ELSE s.log_data END AS a,
+               COALESCE(e.log_data, usage_agg._empty_log_data()) AS x
+          FROM stored s FULL JOIN expected e ON e.user_id = s.user_id AND e.date = s.date
+    )
+    SELECT p.user_id, p.date, f.field, f.a, f.x
+      FROM pairs p
+     CROSS JOIN LATERAL (VALUES
+        ('api_call_count', p.a->'api_call_count', p.x->'api_call_count'),
+        ('shared_service_usage.total_calls', p.a->'shared_service_usage'->'total_calls', p.x->'shared_service_usage'->'total_calls'),
+        ('shared_service_usage.successful_calls', p.a->'shared_service_usage'->'successful_calls', p.x->'shared_service_usage'->'successful_calls'),
+        ('shared_service_usage.failed_calls', p.a->'shared_service_usage'->'failed_calls', p.x->'shared_service_usage'->'failed_calls'),
+        ('shared_service_usage.tokens_used', p.a->'shared_service_usage'->'tokens_used', p.x->'shared_service_usage'->'tokens_used'),
+        ('shared_service_usage.estimated_cost', p.a->'shared_service_usage'->'estimated_cost', p.x->'shared_service_usage'->'estimated_cost'),
+        ('shared_service_usage.keys_used', usage_agg._sorted_array(p.a->'shared_service_usage'->'keys_used'), usage_agg._sorted_array(p.x->'shared_service_usage'->'keys_used')),
+        ('shared_service_usage.by_model', p.a->'shared_service_usage'->'by_model', p.x->'shared_service_usage'->'by_model'),
+        ('shared_service_usage.by_key', p.a->'shared_service_usage'->'by_key', p.x->'shared_service_usage'->'by_key'),
+        ('last_api_call_at', p.a->'last_api_call_at', p.x->'last_api_call_at')
+     ) AS f(field, a, x)
+     WHERE f.a IS DISTINCT FROM f.x
+     ORDER BY p.date, p.user_id, f.field;
+END;
+$$;
+
+COMMENT ON FUNCTION usage_agg.verify_daily_logs(date, date) IS
+    'Lists every (user, date, field) where daily_logs and a GROUP BY over key_usage_logs disagree; empty means consistent';
+
+-- Recomputes the owned fields of daily_logs in [p_from, p_to] from the detail,
+-- day by day, keeping application keys. Returns the number of rows written.
+CREATE FUNCTION usage_agg.rebuild_daily_logs(p_from date, p_to date)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_day date;
+    v_written bigint := 0;
+    v_n bigint;
+    v_days_total integer;
+    v_started timestamptz := clock_timestamp();
+BEGIN
+    PERFORM usage_agg._check_day_range(p_from, p_to);
+    -- Hold detail writers off while recomputing, so no fold can interleave with the
+    -- recomputation of a day (reads keep working).
+    LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
+    v_days_total := p_to - p_from + 1;
+    v_day := p_from;
+    WHILE v_day <= p_to LOOP
+        WITH expected AS (
+            SELECT e.user_id, e.date, e.log_data FROM usage_agg._detail_aggregates(v_day, v_day) e
+        ), upserted AS (
+            INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+            SELECT e.user_id, e.date, e.log_data, now() FROM expected e
+            ON CONFLICT (user_id, date) DO UPDATE
+               SET log_data = usage_agg._replace_owned(d.log_data, EXCLUDED.log_data),
+                   last_modified = EXCLUDED.last_modified
+             WHERE d.log_data IS DISTINCT FROM usage_agg._replace_owned(d.log_data, EXCLUDED.log_data)
+            RETURNING 1
+        ), emptied AS (
+            UPDATE usage_agg.daily_logs d
+               SET log_data = usage_agg._replace_owned(d.log_data, usage_agg._empty_log_data()),
+                   last_modified = now()
+             WHERE d.date = v_day
+               AND NOT EXISTS (SELECT 1 FROM expected e WHERE e.user_id = d.user_id)
+               AND d.log_data IS DISTINCT FROM usage_agg._replace_owned(d.log_data, usage_agg._empty_log_data())
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM emptied) INTO v_n;
+        v_written := v_written + v_n;
+        IF v_days_total > 1 THEN
+            RAISE NOTICE 'usage_agg.rebuild_daily_logs: % done, % rows written, % days left, % elapsed',
+                v_day, v_written, p_to - v_day, clock_timestamp() - v_started;
+        END IF;
+        v_day := v_day + 1;
+    END LOOP;
+    RETURN v_written;
+END;
+$$;
+
+COMMENT ON FUNCTION usage_agg.rebuild_daily_logs(date, date) IS
+    'Recomputes the usage_agg-owned fields of daily_logs in a day range from key_usage_logs, keeping application keys; returns rows written';

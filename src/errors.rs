@@ -1,0 +1,51 @@
+//! Errors a user can meet, each with a proper SQLSTATE, a detail and a hint.
+//! Raising an `ErrorReport` aborts the statement, so nothing is half-written.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+use crate::logdata::{pg_days_to_iso, CorruptField};
+
+/// A stored `daily_logs` row whose owned fields an application overwrote with
+/// something the fold cannot add to.
+pub fn corrupt_daily_row(err: &CorruptField, user_id: &pgrx::Uuid, pg_days: i32) -> ! {
+    let day = pg_days_to_iso(pg_days);
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        format!(
+            "usage_agg: daily_logs row of user {user_id} on {day} has a corrupted field \"{}\"",
+            err.field
+        ),
+        "usage_agg::fold",
+    )
+    .set_detail(format!("{err}."))
+    .set_hint(format!(
+        "Fields api_call_count, shared_service_usage and last_api_call_at belong to usage_agg. \
+         Repair the row with: SELECT usage_agg.rebuild_daily_logs('{day}', '{day}');"
+    ))
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// Something that should not happen (an SPI failure). Reported as an internal
+/// error with what was being done, never as a Rust panic.
+pub fn internal(what: &str, cause: impl std::fmt::Display) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        format!("usage_agg: failed while {what}: {cause}"),
+        "usage_agg",
+    )
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// A bad argument to a public function (SQLSTATE 22023).
+#[allow(dead_code)]
+pub fn invalid_argument(message: String, detail: String, hint: String) -> ! {
+    ErrorReport::new(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, message, "usage_agg")
+        .set_detail(detail)
+        .set_hint(hint)
+        .report(PgLogLevel::ERROR);
+    unreachable!()
+}

@@ -1,0 +1,41 @@
+//! usage_agg: AI/LLM API usage accounting inside PostgreSQL.
+//!
+//! - `logdata`: pure folding of usage into the `log_data` JSON layout.
+//! - `fold`: the statement-level triggers that keep `daily_logs` exact.
+//! - `errors`: user-facing errors with SQLSTATEs.
+//!
+//! Hand-written SQL lives in `sql/` and is pulled in below in dependency order.
+
+use pgrx::prelude::*;
+
+mod errors;
+mod fold;
+pub mod logdata;
+
+::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+extension_sql_file!(
+    "../sql/fold.sql",
+    name = "fold_triggers",
+    requires = ["schema", fold::fold_key_usage_logs]
+);
+extension_sql_file!(
+    "../sql/verify.sql",
+    name = "verify",
+    requires = ["schema"]
+);
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

@@ -1,0 +1,203 @@
+//! `#[pg_test]`s: the SQL surface inside one session (each test is rolled back).
+
+#[allow(unused_imports)]
+use pgrx::prelude::*;
+
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn one<T: pgrx::IntoDatum + pgrx::FromDatum>(sql: &str) -> Option<T> {
+        Spi::get_one::<T>(sql).expect("query failed")
+    }
+
+    #[pg_test]
+    fn fold_first_call_of_the_day() {
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, shared_key_id, model_used, tokens_used, cost_estimate, created_at)
+             VALUES ('00000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-0000000000aa', 'gpt-4o', 900, 0.01, '2026-01-15 11:45:00+00')",
+        )
+        .unwrap();
+        let doc = one::<pgrx::JsonB>(
+            "SELECT log_data FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000001' AND date = '2026-01-15'",
+        )
+        .unwrap();
+        assert_eq!(
+            doc.0,
+            serde_json::json!({
+                "api_call_count": 1,
+                "shared_service_usage": {
+                    "total_calls": 1, "successful_calls": 1, "failed_calls": 0,
+                    "tokens_used": 900, "estimated_cost": 0.01,
+                    "keys_used": ["00000000-0000-0000-0000-0000000000aa"],
+                    "by_model": {"gpt-4o": {"calls": 1, "tokens": 900, "cost": 0.01}},
+                    "by_key": {"00000000-0000-0000-0000-0000000000aa": {"calls": 1, "tokens": 900, "cost": 0.01}}
+                },
+                "last_api_call_at": "2026-01-15T11:45:00Z"
+            })
+        );
+    }
+
+    #[pg_test]
+    fn fold_uses_the_business_time_zone() {
+        Spi::run("UPDATE usage_agg.config SET timezone = 'Asia/Shanghai'").unwrap();
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, created_at)
+             VALUES ('00000000-0000-0000-0000-000000000002', '2026-11-20 17:30:00+00')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>("SELECT date::text FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000002'"),
+            Some("2026-11-21".to_string())
+        );
+    }
+
+    #[pg_test]
+    fn session_time_zone_does_not_change_the_bucket() {
+        Spi::run("SET LOCAL TimeZone = 'America/Los_Angeles'").unwrap();
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, created_at)
+             VALUES ('00000000-0000-0000-0000-000000000003', '2026-11-20 23:30:00+00')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>("SELECT date::text FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000003'"),
+            Some("2026-11-20".to_string())
+        );
+    }
+
+    #[pg_test(error = "usage_agg: invalid time zone \"Mars/Olympus\"")]
+    fn invalid_time_zone_is_refused() {
+        Spi::run("UPDATE usage_agg.config SET timezone = 'Mars/Olympus'").unwrap();
+    }
+
+    #[pg_test(error = "usage_agg: the configuration row cannot be deleted")]
+    fn config_row_cannot_be_deleted() {
+        Spi::run("DELETE FROM usage_agg.config").unwrap();
+    }
+
+    #[pg_test]
+    fn money_is_exact() {
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate, created_at)
+             SELECT '00000000-0000-0000-0000-000000000004', 0.1, '2026-03-01 10:00+00' FROM generate_series(1, 1000)",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate, created_at)
+             VALUES ('00000000-0000-0000-0000-000000000004', 0.1, '2026-03-01 11:00+00')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<bool>(
+                "SELECT (log_data->'shared_service_usage'->>'estimated_cost')::numeric = 100.1
+                   FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000004'"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT log_data->'shared_service_usage'->>'estimated_cost'
+                   FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000004'"
+            ),
+            Some("100.1".to_string())
+        );
+    }
+
+    #[pg_test]
+    fn application_keys_survive_folds() {
+        Spi::run(
+            "INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
+             VALUES ('00000000-0000-0000-0000-000000000005', '2026-02-02', '{\"conversation_count\": 3, \"upload_count\": 1}', now())",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, tokens_used, created_at)
+             VALUES ('00000000-0000-0000-0000-000000000005', 7, '2026-02-02 08:00+00')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT (log_data->>'conversation_count') || '/' || (log_data->>'upload_count') || '/' || (log_data->>'api_call_count')
+                   FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000005'"
+            ),
+            Some("3/1/1".to_string())
+        );
+    }
+
+    #[pg_test]
+    fn update_and_delete_correct_the_aggregate() {
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (id, user_id, model_used, tokens_used, cost_estimate, created_at) VALUES
+             ('10000000-0000-0000-0000-000000000001', '00000000-0000-0000-0000-000000000006', 'm', 10, 1.5, '2026-04-01 10:00+00'),
+             ('10000000-0000-0000-0000-000000000002', '00000000-0000-0000-0000-000000000006', 'm', 20, 2.5, '2026-04-01 11:00+00')",
+        )
+        .unwrap();
+        Spi::run("UPDATE usage_agg.key_usage_logs SET cost_estimate = 0.5 WHERE id = '10000000-0000-0000-0000-000000000001'").unwrap();
+        Spi::run("DELETE FROM usage_agg.key_usage_logs WHERE id = '10000000-0000-0000-0000-000000000002'").unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT (log_data->>'api_call_count') || '/' || (log_data->'shared_service_usage'->>'estimated_cost') || '/' || (log_data->>'last_api_call_at')
+                   FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000006'"
+            ),
+            Some("1/0.5/2026-04-01T10:00:00Z".to_string())
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.verify_daily_logs('2026-04-01', '2026-04-01')"), Some(0));
+    }
+
+    #[pg_test(error = "new row for relation \"key_usage_logs\" violates check constraint \"key_usage_logs_cost_estimate_finite_not_negative\"")]
+    fn nan_cost_is_rejected() {
+        Spi::run("INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES (gen_random_uuid(), 'NaN')").unwrap();
+    }
+
+    #[pg_test(error = "new row for relation \"key_usage_logs\" violates check constraint \"key_usage_logs_tokens_used_not_negative\"")]
+    fn negative_tokens_are_rejected() {
+        Spi::run("INSERT INTO usage_agg.key_usage_logs (user_id, tokens_used) VALUES (gen_random_uuid(), -1)").unwrap();
+    }
+
+    #[pg_test(error = "usage_agg: daily_logs row of user 00000000-0000-0000-0000-000000000007 on 2026-05-05 has a corrupted field \"api_call_count\"")]
+    fn corrupted_daily_row_names_user_and_date() {
+        Spi::run(
+            "INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
+             VALUES ('00000000-0000-0000-0000-000000000007', '2026-05-05', '{\"api_call_count\": \"abc\"}', now())",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, created_at)
+             VALUES ('00000000-0000-0000-0000-000000000007', '2026-05-05 12:00+00')",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn verify_reports_and_rebuild_repairs() {
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, model_used, tokens_used, cost_estimate, created_at)
+             SELECT '00000000-0000-0000-0000-000000000008', 'm' || (i % 3), i, i / 100.0, '2026-06-01 00:00+00'::timestamptz + i * interval '1 minute'
+               FROM generate_series(1, 50) i",
+        )
+        .unwrap();
+        Spi::run(
+            "UPDATE usage_agg.daily_logs SET log_data = jsonb_set(log_data || '{\"upload_count\": 2}', '{api_call_count}', '\"abc\"')
+              WHERE user_id = '00000000-0000-0000-0000-000000000008'",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(field, ',') FROM usage_agg.verify_daily_logs('2026-06-01', '2026-06-01')"),
+            Some("api_call_count".to_string())
+        );
+        assert_eq!(one::<i64>("SELECT usage_agg.rebuild_daily_logs('2026-06-01', '2026-06-01')"), Some(1));
+        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.verify_daily_logs('2026-06-01', '2026-06-01')"), Some(0));
+        assert_eq!(
+            one::<String>("SELECT log_data->>'upload_count' FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000008'"),
+            Some("2".to_string())
+        );
+        // A second rebuild finds nothing to change.
+        assert_eq!(one::<i64>("SELECT usage_agg.rebuild_daily_logs('2026-06-01', '2026-06-01')"), Some(0));
+    }
+
+    #[pg_test(error = "usage_agg: the day range starts after it ends")]
+    fn verify_rejects_a_reversed_range() {
+        Spi::run("SELECT * FROM usage_agg.verify_daily_logs('2026-06-02', '2026-06-01')").unwrap();
+    }
+}
