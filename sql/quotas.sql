@@ -1,0 +1,414 @@
+-- Quotas: plans, per-user monthly quotas, and the atomic consume step.
+--
+-- Every step on a user's quota runs under that user's row lock in usage_agg.quotas
+-- and reads the clock only after the lock is granted, so concurrent calls are
+-- serialised in the order they are counted: no over-consumption, and a call that
+-- races the monthly reset lands in exactly one month (the one of its created_at).
+--
+-- The step is PL/pgSQL rather than Rust because QUOTA_EXCEEDED must reach the
+-- client with SQLSTATE UAQ01, and pgrx 0.18 re-raises any SQLSTATE it does not
+-- know as XX000 when an error crosses Rust code.
+
+CREATE TABLE usage_agg.quota_plans (
+    membership_level text    PRIMARY KEY,
+    monthly_quota    integer NOT NULL,
+    daily_cost_limit numeric,
+    CONSTRAINT quota_plans_monthly_quota_not_negative CHECK (monthly_quota >= 0),
+    CONSTRAINT quota_plans_daily_cost_limit_finite_not_negative
+        CHECK (daily_cost_limit >= 0 AND daily_cost_limit < 'Infinity'::numeric)
+);
+COMMENT ON TABLE usage_agg.quota_plans IS
+    'Membership plans: monthly quota (units) and optional daily cost limit (NULL: none). Plans are ordered by monthly_quota.';
+INSERT INTO usage_agg.quota_plans (membership_level, monthly_quota) VALUES
+    ('free', 100), ('basic', 300), ('plus', 1000), ('pro', 3000);
+
+CREATE TABLE usage_agg.quotas (
+    user_id          uuid        PRIMARY KEY,
+    membership_level text        NOT NULL REFERENCES usage_agg.quota_plans (membership_level) ON UPDATE CASCADE,
+    monthly_quota    integer     NOT NULL,
+    monthly_used     integer     NOT NULL DEFAULT 0,
+    quota_reset_at   timestamptz NOT NULL,
+    total_used       bigint      NOT NULL DEFAULT 0,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT quotas_monthly_quota_not_negative CHECK (monthly_quota >= 0),
+    CONSTRAINT quotas_monthly_used_not_negative CHECK (monthly_used >= 0),
+    CONSTRAINT quotas_total_used_not_negative CHECK (total_used >= 0)
+) WITH (fillfactor = 80);
+CREATE INDEX quotas_quota_reset_at ON usage_agg.quotas (quota_reset_at);
+COMMENT ON TABLE usage_agg.quotas IS
+    'Per-user monthly quota state. Written only by usage_agg functions (consume_quota, set_membership, refund_quota, reset_expired_quotas).';
+
+CREATE TABLE usage_agg.quota_usage_logs (
+    id               uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id          uuid        NOT NULL,
+    session_id       text,
+    membership_level text        NOT NULL,
+    amount           integer     NOT NULL,
+    tokens_used      integer     NOT NULL DEFAULT 0,
+    request_id       text        UNIQUE,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    -- Set once by refund_quota(request_id): the consumption was given back.
+    refunded_at      timestamptz,
+    CONSTRAINT quota_usage_logs_amount_positive CHECK (amount > 0),
+    CONSTRAINT quota_usage_logs_tokens_used_not_negative CHECK (tokens_used >= 0)
+);
+CREATE INDEX quota_usage_logs_user_created_at ON usage_agg.quota_usage_logs (user_id, created_at);
+COMMENT ON TABLE usage_agg.quota_usage_logs IS
+    'One row per granted consume_quota call. refunded_at is set when refund_quota gave it back.';
+
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.quota_plans', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.quotas', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.quota_usage_logs', '');
+
+-- A restore of quota_plans lands on the plans CREATE EXTENSION shipped: take the
+-- restored values instead of failing on the primary key.
+CREATE FUNCTION usage_agg._quota_plans_restore() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE usage_agg.quota_plans
+       SET monthly_quota = NEW.monthly_quota, daily_cost_limit = NEW.daily_cost_limit
+     WHERE membership_level = NEW.membership_level;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER quota_plans_restore
+    BEFORE INSERT ON usage_agg.quota_plans
+    FOR EACH ROW WHEN (pg_trigger_depth() = 0)
+    EXECUTE FUNCTION usage_agg._quota_plans_restore();
+
+-- A plan's new monthly quota applies to its members at once.
+CREATE FUNCTION usage_agg._quota_plans_propagate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE usage_agg.quotas
+       SET monthly_quota = NEW.monthly_quota, updated_at = now()
+     WHERE membership_level = NEW.membership_level
+       AND monthly_quota IS DISTINCT FROM NEW.monthly_quota;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER quota_plans_propagate
+    AFTER UPDATE OF monthly_quota ON usage_agg.quota_plans
+    FOR EACH ROW EXECUTE FUNCTION usage_agg._quota_plans_propagate();
+
+-- The result of every quota function.
+CREATE TYPE usage_agg.quota_state AS (
+    user_id          uuid,
+    membership_level text,
+    monthly_quota    integer,
+    monthly_used     integer,
+    remaining        integer,
+    quota_reset_at   timestamptz,
+    total_used       bigint,
+    allowed          boolean,  -- the requested amount was granted (or had been, for a replayed request_id)
+    replayed         boolean   -- a repeated request_id: the original grant, nothing charged now
+);
+
+-- First instant of the calendar month after `ts`, in the business time zone.
+CREATE FUNCTION usage_agg._next_month_start(ts timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (date_trunc('month', ts AT TIME ZONE tz.name) + interval '1 month') AT TIME ZONE tz.name
+      FROM (SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name) tz
+$$;
+
+CREATE FUNCTION usage_agg._next_plan(level text) RETURNS usage_agg.quota_plans
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT n.* FROM usage_agg.quota_plans n, usage_agg.quota_plans cur
+     WHERE cur.membership_level = level AND n.monthly_quota > cur.monthly_quota
+     ORDER BY n.monthly_quota, n.membership_level LIMIT 1
+$$;
+
+CREATE FUNCTION usage_agg._check_user(p_user_id uuid) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_user_id IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: user_id must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END;
+$$;
+
+-- Locks the user's quota row, creating it on plan 'free' on first use, and applies
+-- the monthly reset if its time has come. Returns the locked row and the instant
+-- (read after the lock) at which this step happens.
+CREATE FUNCTION usage_agg._lock_quota(p_user_id uuid, OUT q usage_agg.quotas, OUT at timestamptz)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    SELECT * INTO q FROM usage_agg.quotas WHERE user_id = p_user_id FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO usage_agg.quotas AS t (user_id, membership_level, monthly_quota, monthly_used, quota_reset_at, total_used)
+        SELECT p_user_id, p.membership_level, p.monthly_quota, 0, usage_agg._next_month_start(clock_timestamp()), 0
+          FROM usage_agg.quota_plans p WHERE p.membership_level = 'free'
+        ON CONFLICT (user_id) DO NOTHING;
+        SELECT * INTO q FROM usage_agg.quotas WHERE user_id = p_user_id FOR UPDATE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'usage_agg: no plan ''free'' in usage_agg.quota_plans for a new user'
+                USING ERRCODE = 'no_data_found',
+                      HINT = 'INSERT INTO usage_agg.quota_plans VALUES (''free'', 100, NULL);';
+        END IF;
+    END IF;
+    at := clock_timestamp();
+    IF at >= q.quota_reset_at THEN
+        UPDATE usage_agg.quotas
+           SET monthly_used = 0, quota_reset_at = usage_agg._next_month_start(at), updated_at = at
+         WHERE user_id = p_user_id
+        RETURNING * INTO q;
+    END IF;
+END;
+$$;
+
+CREATE FUNCTION usage_agg._state(q usage_agg.quotas, allowed boolean, replayed boolean)
+RETURNS usage_agg.quota_state
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
+               greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
+               allowed, replayed)::usage_agg.quota_state
+$$;
+
+-- The atomic step behind consume_quota and try_consume_quota.
+CREATE FUNCTION usage_agg._consume(p_user_id uuid, p_amount integer, p_session_id text,
+                                   p_request_id text, p_tokens_used integer, p_raise boolean)
+RETURNS usage_agg.quota_state
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q usage_agg.quotas;
+    v_at timestamptz;
+    v_lock record;
+    v_log usage_agg.quota_usage_logs;
+    v_next usage_agg.quota_plans;
+    v_remaining integer;
+BEGIN
+    PERFORM usage_agg._check_user(p_user_id);
+    IF p_amount IS NULL OR p_amount <= 0 OR p_amount > 1000000 THEN
+        RAISE EXCEPTION 'usage_agg: amount must be between 1 and 1000000'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('amount = %s', coalesce(p_amount::text, 'NULL'));
+    END IF;
+    IF p_tokens_used IS NOT NULL AND p_tokens_used < 0 THEN
+        RAISE EXCEPTION 'usage_agg: tokens_used must not be negative'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('tokens_used = %s', p_tokens_used);
+    END IF;
+    IF length(p_request_id) > 1000 OR length(p_session_id) > 1000 THEN
+        RAISE EXCEPTION 'usage_agg: request_id and session_id are limited to 1000 characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
+    q := v_lock.q;
+    v_at := v_lock.at;
+
+    -- Under the row lock every earlier call with this request_id has committed
+    -- (or rolled back), so this check cannot race.
+    IF p_request_id IS NOT NULL THEN
+        SELECT * INTO v_log FROM usage_agg.quota_usage_logs WHERE request_id = p_request_id;
+        IF FOUND THEN
+            IF v_log.user_id <> p_user_id THEN
+                RAISE EXCEPTION 'usage_agg: request_id % belongs to another user', p_request_id
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'request_id must be unique per call.';
+            END IF;
+            RETURN usage_agg._state(q, true, true);
+        END IF;
+    END IF;
+
+    v_remaining := greatest(q.monthly_quota - q.monthly_used, 0);
+    IF p_amount > v_remaining THEN
+        IF NOT p_raise THEN
+            RETURN usage_agg._state(q, false, false);
+        END IF;
+        v_next := usage_agg._next_plan(q.membership_level);
+        RAISE EXCEPTION 'QUOTA_EXCEEDED: user % requested % but only % of % remain this month',
+                p_user_id, p_amount, v_remaining, q.monthly_quota
+            USING ERRCODE = 'UAQ01',
+                  DETAIL = format('requested: %s, remaining: %s, monthly_quota: %s, monthly_used: %s, plan: %s, resets at: %s',
+                                  p_amount, v_remaining, q.monthly_quota, q.monthly_used, q.membership_level,
+                                  usage_agg._iso_utc(q.quota_reset_at)),
+                  HINT = CASE WHEN v_next.membership_level IS NULL
+                              THEN format('%s is the highest plan; the quota resets at %s.',
+                                          q.membership_level, usage_agg._iso_utc(q.quota_reset_at))
+                              ELSE format('Upgrade to plan %s (%s a month), or wait until %s.',
+                                          v_next.membership_level, v_next.monthly_quota,
+                                          usage_agg._iso_utc(q.quota_reset_at)) END;
+    END IF;
+
+    UPDATE usage_agg.quotas
+       SET monthly_used = monthly_used + p_amount, total_used = total_used + p_amount, updated_at = v_at
+     WHERE user_id = p_user_id
+    RETURNING * INTO q;
+    INSERT INTO usage_agg.quota_usage_logs (user_id, session_id, membership_level, amount, tokens_used, request_id, created_at)
+    VALUES (p_user_id, p_session_id, q.membership_level, p_amount, coalesce(p_tokens_used, 0), p_request_id, v_at);
+    RETURN usage_agg._state(q, true, false);
+END;
+$$;
+
+CREATE FUNCTION usage_agg.consume_quota(user_id uuid, amount integer DEFAULT 1, session_id text DEFAULT NULL,
+                                        request_id text DEFAULT NULL, tokens_used integer DEFAULT 0)
+RETURNS usage_agg.quota_state
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT usage_agg._consume(user_id, amount, session_id, request_id, tokens_used, true) $$;
+COMMENT ON FUNCTION usage_agg.consume_quota(uuid, integer, text, text, integer) IS
+    'Atomically deducts amount from the user''s monthly quota and logs it; raises SQLSTATE UAQ01 (QUOTA_EXCEEDED) when it would be exceeded';
+
+CREATE FUNCTION usage_agg.try_consume_quota(user_id uuid, amount integer DEFAULT 1, session_id text DEFAULT NULL,
+                                            request_id text DEFAULT NULL, tokens_used integer DEFAULT 0)
+RETURNS usage_agg.quota_state
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT usage_agg._consume(user_id, amount, session_id, request_id, tokens_used, false) $$;
+COMMENT ON FUNCTION usage_agg.try_consume_quota(uuid, integer, text, text, integer) IS
+    'Like consume_quota, but returns allowed = false instead of raising when the quota would be exceeded';
+
+CREATE FUNCTION usage_agg.quota_status(p_user_id uuid)
+RETURNS TABLE (user_id uuid, membership_level text, monthly_quota integer, monthly_used integer,
+               remaining integer, quota_reset_at timestamptz, total_used bigint,
+               percent_used numeric, low_quota boolean, next_plan text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q usage_agg.quotas;
+    v_at timestamptz;
+    v_lock record;
+    v_pct numeric;
+BEGIN
+    PERFORM usage_agg._check_user(p_user_id);
+    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
+    q := v_lock.q;
+    v_at := v_lock.at;
+    v_pct := CASE WHEN q.monthly_quota = 0 THEN 100
+                  ELSE round(100.0 * q.monthly_used / q.monthly_quota, 2) END;
+    RETURN QUERY SELECT q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
+                        greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
+                        v_pct, v_pct > 80, (usage_agg._next_plan(q.membership_level)).membership_level;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.quota_status(uuid) IS
+    'The user''s quota state with percent used, a low-quota flag (above 80%) and the next plan up';
+
+CREATE FUNCTION usage_agg.set_membership(p_user_id uuid, p_level text)
+RETURNS usage_agg.quota_state
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q usage_agg.quotas;
+    v_at timestamptz;
+    v_lock record;
+    v_plan usage_agg.quota_plans;
+BEGIN
+    PERFORM usage_agg._check_user(p_user_id);
+    SELECT * INTO v_plan FROM usage_agg.quota_plans WHERE membership_level = p_level;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'usage_agg: unknown plan %', coalesce(quote_literal(p_level), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Known plans: %s.', (SELECT string_agg(membership_level, ', ' ORDER BY monthly_quota)
+                                                      FROM usage_agg.quota_plans));
+    END IF;
+    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
+    q := v_lock.q;
+    v_at := v_lock.at;
+    UPDATE usage_agg.quotas
+       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = v_at
+     WHERE user_id = p_user_id
+    RETURNING * INTO q;
+    RETURN usage_agg._state(q, true, false);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.set_membership(uuid, text) IS
+    'Moves the user to a plan at once, keeping what was used this month';
+
+-- First instant of the month that ends at `reset_at` (the current quota period's start).
+CREATE FUNCTION usage_agg._month_before(reset_at timestamptz) RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (date_trunc('month', (reset_at AT TIME ZONE tz.name) - interval '1 day')) AT TIME ZONE tz.name
+      FROM (SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name) tz
+$$;
+
+CREATE FUNCTION usage_agg.refund_quota(p_request_id text)
+RETURNS usage_agg.quota_state
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_user uuid;
+    v_log usage_agg.quota_usage_logs;
+    q usage_agg.quotas;
+    v_at timestamptz;
+    v_lock record;
+BEGIN
+    IF p_request_id IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: request_id must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT user_id INTO v_user FROM usage_agg.quota_usage_logs WHERE request_id = p_request_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'usage_agg: no consumption with request_id %', p_request_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Only calls made with a request_id can be refunded.';
+    END IF;
+    -- Same lock order as consume: the user's quota row first, then the log row.
+    SELECT * INTO v_lock FROM usage_agg._lock_quota(v_user);
+    q := v_lock.q;
+    v_at := v_lock.at;
+    SELECT * INTO v_log FROM usage_agg.quota_usage_logs WHERE request_id = p_request_id FOR UPDATE;
+    IF v_log.refunded_at IS NOT NULL THEN
+        RETURN usage_agg._state(q, false, true);
+    END IF;
+    UPDATE usage_agg.quota_usage_logs SET refunded_at = v_at WHERE id = v_log.id;
+    -- Only a consumption of the current month gives monthly quota back.
+    UPDATE usage_agg.quotas
+       SET monthly_used = CASE WHEN v_log.created_at >= usage_agg._month_before(q.quota_reset_at)
+                               THEN greatest(monthly_used - v_log.amount, 0) ELSE monthly_used END,
+           total_used = greatest(total_used - v_log.amount, 0),
+           updated_at = v_at
+     WHERE user_id = v_user
+    RETURNING * INTO q;
+    RETURN usage_agg._state(q, true, false);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.refund_quota(text) IS
+    'Gives back the consumption made with request_id, exactly once (allowed = true when refunded now, replayed = true when it already was)';
+
+CREATE FUNCTION usage_agg.reset_expired_quotas()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n bigint;
+BEGIN
+    -- Row locks serialise this with consume_quota; the condition is rechecked on
+    -- the latest row version, so a row a concurrent call already reset is skipped.
+    UPDATE usage_agg.quotas
+       SET monthly_used = 0, quota_reset_at = usage_agg._next_month_start(clock_timestamp()), updated_at = clock_timestamp()
+     WHERE quota_reset_at <= clock_timestamp();
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.reset_expired_quotas() IS
+    'Resets every quota whose month has ended (for pg_cron); returns how many were reset';

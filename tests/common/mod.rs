@@ -1,0 +1,92 @@
+//! Helpers for the integration tests: each test gets a database of its own on the
+//! live cluster that scripts/test.sh started, with the extension really installed.
+#![allow(dead_code)]
+
+use postgres::{Client, NoTls};
+
+pub fn port() -> String {
+    std::env::var("USAGE_AGG_TEST_PORT")
+        .expect("USAGE_AGG_TEST_PORT is not set: run the integration tests through scripts/test.sh")
+}
+
+pub fn dsn_for(db: &str) -> String {
+    format!("host=127.0.0.1 port={} user=postgres dbname={db}", port())
+}
+
+pub struct TestDb {
+    pub name: String,
+}
+
+impl TestDb {
+    /// A fresh database with `CREATE EXTENSION usage_agg` done.
+    pub fn new(name: &str) -> TestDb {
+        let name = format!("ua_{name}");
+        let mut admin = Client::connect(&dsn_for("postgres"), NoTls).expect("connect to the test cluster");
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .expect("drop old test database");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
+        let db = TestDb { name };
+        db.connect().batch_execute("CREATE EXTENSION usage_agg").expect("create extension");
+        db
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&dsn_for(&self.name), NoTls).expect("connect to the test database")
+    }
+}
+
+/// The SQLSTATE of a failed statement.
+pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> String {
+    let err = r.expect_err("the statement should have failed");
+    err.as_db_error()
+        .map(|e| e.code().code().to_string())
+        .unwrap_or_else(|| panic!("not a database error: {err}"))
+}
+
+pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> postgres::error::DbError {
+    let err = r.expect_err("the statement should have failed");
+    err.as_db_error().cloned().unwrap_or_else(|| panic!("not a database error: {err}"))
+}
+
+/// Rows of verify_daily_logs over a range, as "user date field" strings.
+pub fn verify(c: &mut Client, from: &str, to: &str) -> Vec<String> {
+    c.query(
+        "SELECT user_id::text || ' ' || date::text || ' ' || field || ' ' || coalesce(aggregate_value::text, 'NULL') || ' vs ' || coalesce(detail_value::text, 'NULL')
+           FROM usage_agg.verify_daily_logs($1::text::date, $2::text::date)",
+        &[&from, &to],
+    )
+    .expect("verify_daily_logs")
+    .iter()
+    .map(|r| r.get::<_, String>(0))
+    .collect()
+}
+
+/// (user, day) pairs whose calls, successes, tokens or cost differ between the
+/// aggregate and a GROUP BY over the detail, computed independently of
+/// verify_daily_logs. Uses the configured time zone.
+pub fn group_by_mismatches(c: &mut Client) -> i64 {
+    c.query_one(
+        "WITH tz AS (SELECT timezone AS name FROM usage_agg.config),
+              g AS (SELECT k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS d,
+                           count(*) AS calls, count(*) FILTER (WHERE k.success) AS ok,
+                           coalesce(sum(k.tokens_used), 0) AS tokens, coalesce(sum(k.cost_estimate), 0) AS cost
+                      FROM usage_agg.key_usage_logs k, tz GROUP BY 1, 2)
+         SELECT count(*) FROM g FULL JOIN usage_agg.daily_logs dl ON dl.user_id = g.user_id AND dl.date = g.d
+          WHERE (dl.log_data->>'api_call_count')::bigint IS DISTINCT FROM coalesce(g.calls, 0)
+             OR (dl.log_data->'shared_service_usage'->>'successful_calls')::bigint IS DISTINCT FROM coalesce(g.ok, 0)
+             OR (dl.log_data->'shared_service_usage'->>'tokens_used')::bigint IS DISTINCT FROM coalesce(g.tokens, 0)
+             OR (dl.log_data->'shared_service_usage'->>'estimated_cost')::numeric IS DISTINCT FROM coalesce(g.cost, 0)",
+        &[],
+    )
+    .expect("group by comparison")
+    .get(0)
+}
+
+pub fn scalar_i64(c: &mut Client, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+pub fn scalar_text(c: &mut Client, sql: &str) -> Option<String> {
+    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
