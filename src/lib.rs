@@ -25,6 +25,11 @@ extension_sql_file!(
     name = "verify",
     requires = ["schema"]
 );
+extension_sql_file!(
+    "../sql/quotas.sql",
+    name = "quotas",
+    requires = ["schema"]
+);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

@@ -200,4 +200,72 @@ mod tests {
     fn verify_rejects_a_reversed_range() {
         Spi::run("SELECT * FROM usage_agg.verify_daily_logs('2026-06-02', '2026-06-01')").unwrap();
     }
+
+    /// Runs `sql` and returns "SQLSTATE|message|detail|hint" of the error it raises.
+    fn error_of(sql: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS $f$
+             DECLARE s text; m text; d text; h text;
+             BEGIN
+                 EXECUTE q;
+                 RETURN 'no error';
+             EXCEPTION WHEN OTHERS THEN
+                 GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL, h = PG_EXCEPTION_HINT;
+                 RETURN s || '|' || m || '|' || d || '|' || h;
+             END $f$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()]).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn quota_first_call_creates_a_free_row() {
+        assert_eq!(
+            one::<String>(
+                "SELECT membership_level || ' ' || monthly_quota || ' ' || monthly_used || ' ' || remaining || ' ' || total_used || ' ' || allowed
+                   FROM usage_agg.consume_quota('90000000-0000-0000-0000-000000000001')"
+            ),
+            Some("free 100 1 99 1 true".to_string())
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.quota_usage_logs"), Some(1));
+    }
+
+    #[pg_test]
+    fn quota_exceeded_is_reported_exactly() {
+        Spi::run("SELECT usage_agg.set_membership('90000000-0000-0000-0000-000000000003', 'plus')").unwrap();
+        Spi::run("SELECT usage_agg.consume_quota('90000000-0000-0000-0000-000000000003', 999)").unwrap();
+        Spi::run("UPDATE usage_agg.quotas SET quota_reset_at = '2099-01-01 00:00+00'").unwrap();
+        assert_eq!(
+            error_of("SELECT usage_agg.consume_quota('90000000-0000-0000-0000-000000000003', 2)"),
+            "UAQ01|QUOTA_EXCEEDED: user 90000000-0000-0000-0000-000000000003 requested 2 but only 1 of 1000 remain this month\
+             |requested: 2, remaining: 1, monthly_quota: 1000, monthly_used: 999, plan: plus, resets at: 2099-01-01T00:00:00Z\
+             |Upgrade to plan pro (3000 a month), or wait until 2099-01-01T00:00:00Z."
+        );
+        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.quota_usage_logs"), Some(1));
+        assert_eq!(
+            one::<String>("SELECT allowed::text FROM usage_agg.try_consume_quota('90000000-0000-0000-0000-000000000003', 2)"),
+            Some("false".to_string())
+        );
+    }
+
+    #[pg_test]
+    fn quota_bad_amount_is_22023() {
+        assert_eq!(
+            error_of("SELECT usage_agg.consume_quota('90000000-0000-0000-0000-000000000004', 0)"),
+            "22023|usage_agg: amount must be between 1 and 1000000|amount = 0|"
+        );
+    }
+
+    #[pg_test]
+    fn quota_request_id_is_idempotent_and_refund_once() {
+        Spi::run("SELECT usage_agg.consume_quota('90000000-0000-0000-0000-000000000005', 4, 's', 'req-a')").unwrap();
+        assert_eq!(
+            one::<String>(
+                "SELECT monthly_used || ' ' || replayed FROM usage_agg.consume_quota('90000000-0000-0000-0000-000000000005', 4, 's', 'req-a')"
+            ),
+            Some("4 true".to_string())
+        );
+        assert_eq!(one::<String>("SELECT monthly_used || ' ' || allowed FROM usage_agg.refund_quota('req-a')"), Some("0 true".to_string()));
+        assert_eq!(one::<String>("SELECT monthly_used || ' ' || allowed FROM usage_agg.refund_quota('req-a')"), Some("0 false".to_string()));
+    }
 }
