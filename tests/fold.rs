@@ -370,7 +370,7 @@ fn day_is_the_calls_own_time_in_the_business_time_zone() {
 }
 
 #[test]
-fn extension_tables_are_dumped_by_pg_dump() {
+fn extension_tables_are_registered_for_pg_dump() {
     let db = TestDb::new("config_dump");
     let mut c = db.connect();
     assert_eq!(
@@ -380,6 +380,6 @@ fn extension_tables_are_dumped_by_pg_dump() {
                FROM pg_extension e, unnest(e.extconfig) AS x(oid) JOIN pg_class c ON c.oid = x.oid
               WHERE e.extname = 'usage_agg'"
         ),
-        Some("config,daily_logs,key_usage_logs".to_string())
+        Some("config,daily_logs,key_usage_logs,quota_plans,quota_usage_logs,quotas".to_string())
     );
 }

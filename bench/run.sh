@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Benchmark: bare table vs usage_agg vs a hand-written PL/pgSQL trigger, side by
+# side in one run, on a cluster of its own. Each round runs every contender in
+# turn, so machine noise hits all of them alike; the table reports medians.
+#
+#   bash bench/run.sh                     # defaults below
+#   BENCH_CLIENTS="1 4 16" BENCH_SECONDS=20 BENCH_ROUNDS=3 bash bench/run.sh
+source "$(dirname "$0")/../scripts/lib.sh"
+ua_setup
+ua_install_extension
+
+BENCH="$UA_ROOT/bench"
+PORT="${USAGE_AGG_BENCH_PORT:-28817}"
+CLIENTS="${BENCH_CLIENTS:-4}"
+SECONDS_PER_RUN="${BENCH_SECONDS:-15}"
+ROUNDS="${BENCH_ROUNDS:-3}"
+CONTENDERS=(bare usage_agg plpgsql)
+OUT="${BENCH_OUT:-$BENCH/results/latest.md}"
+RAW="$(mktemp)"
+mkdir -p "$(dirname "$OUT")"
+
+ua_log "benchmark cluster on port ${PORT}"
+ua_cluster_start bench "$PORT" "shared_buffers = '1GB'" "max_wal_size = '4GB'" "checkpoint_timeout = '30min'"
+trap 'ua_cluster_stop bench; rm -f "$RAW"' EXIT
+
+for c in "${CONTENDERS[@]}"; do
+    ua_psql "$PORT" postgres -c "CREATE DATABASE bench_$c" >/dev/null
+    ua_psql "$PORT" "bench_$c" -c "CREATE EXTENSION usage_agg" >/dev/null
+done
+ua_psql "$PORT" bench_bare -f "$BENCH/bare.sql" >/dev/null
+ua_psql "$PORT" bench_plpgsql -f "$BENCH/plpgsql_trigger.sql" >/dev/null
+
+reset_tables() {
+    ua_psql "$PORT" "bench_$1" -c "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs" -c "CHECKPOINT" >/dev/null
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+    for n in $CLIENTS; do
+        for c in "${CONTENDERS[@]}"; do
+            reset_tables "$c"
+            jobs=$(( n < 2 ? n : 2 ))
+            tps=$("${UA_PG_BIN}/pgbench" -n -M prepared -c "$n" -j "$jobs" -T "$SECONDS_PER_RUN" \
+                    -h 127.0.0.1 -p "$PORT" -U postgres -f "$BENCH/insert_one.pgbench" "bench_$c" 2>&1 \
+                  | awk '/^tps = / {print $3; exit}')
+            echo "single_$n $c $tps" >>"$RAW"
+            ua_log "round $round: single-row inserts, $n clients, $c: $tps tps"
+        done
+    done
+    for c in "${CONTENDERS[@]}"; do
+        reset_tables "$c"
+        ms=$(ua_psql "$PORT" "bench_$c" -c '\timing on' -f "$BENCH/bulk_200k.sql" \
+             | awk '/^Time: / {print $2; exit}')
+        echo "bulk_200k $c $ms" >>"$RAW"
+        ua_log "round $round: 200,000-row INSERT ... SELECT, $c: $ms ms"
+    done
+done
+
+# A bulk load leaves the aggregate exact: checked, not assumed.
+bad=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
+[ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences after the bulk load" >&2; exit 1; }
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+get() { awk -v w="$1" -v c="$2" '$1==w && $2==c {print $3}' "$RAW" | median; }
+
+{
+    echo "# usage_agg benchmark"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+    echo "- machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -srm)"
+    echo "- server: $("${UA_PG_BIN}/postgres" --version), shared_buffers=1GB, max_wal_size=4GB, fsync/synchronous_commit on (defaults)"
+    echo "- command: \`BENCH_CLIENTS=\"$CLIENTS\" BENCH_SECONDS=$SECONDS_PER_RUN BENCH_ROUNDS=$ROUNDS bash bench/run.sh\`"
+    echo "- single-row: pgbench -M prepared, ${SECONDS_PER_RUN}s per run, 10,000 users, 4 keys, 3 models; median of $ROUNDS rounds"
+    echo "- bulk: one INSERT ... SELECT of 200,000 rows over 10,000 users and 3 days; median of $ROUNDS rounds"
+    echo
+    echo "| workload | bare | usage_agg | PL/pgSQL trigger | usage_agg / bare | usage_agg / PL/pgSQL |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for n in $CLIENTS; do
+        b=$(get "single_$n" bare); u=$(get "single_$n" usage_agg); p=$(get "single_$n" plpgsql)
+        awk -v n="$n" -v b="$b" -v u="$u" -v p="$p" 'BEGIN {
+            printf "| single-row insert, %d clients (tps, higher is better) | %.0f | %.0f | %.0f | %.2fx | %.2fx |\n", n, b, u, p, u/b, u/p }'
+    done
+    b=$(get bulk_200k bare); u=$(get bulk_200k usage_agg); p=$(get bulk_200k plpgsql)
+    awk -v b="$b" -v u="$u" -v p="$p" 'BEGIN {
+        printf "| 200,000-row INSERT ... SELECT (ms, lower is better) | %.0f | %.0f | %.0f | %.2fx time | %.2fx time |\n", b, u, p, u/b, u/p }'
+} | tee "$OUT"
+ua_log "written to $OUT"
