@@ -15,6 +15,7 @@ CLIENTS="${BENCH_CLIENTS:-4}"
 SECONDS_PER_RUN="${BENCH_SECONDS:-15}"
 ROUNDS="${BENCH_ROUNDS:-3}"
 CONTENDERS=(bare usage_agg plpgsql)
+WORKLOADS="${BENCH_WORKLOADS:-fold quota}"   # which parts to run
 OUT="${BENCH_OUT:-$BENCH/results/latest.md}"
 RAW="$(mktemp)"
 mkdir -p "$(dirname "$OUT")"
@@ -34,7 +35,32 @@ reset_tables() {
     ua_psql "$PORT" "bench_$1" -c "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs" -c "CHECKPOINT" >/dev/null
 }
 
+run_fold=false; run_quota=false
+for w in $WORKLOADS; do case "$w" in fold) run_fold=true ;; quota) run_quota=true ;; esac; done
+
+pgbench_tps() {  # pgbench_tps DB CLIENTS SCRIPT
+    local jobs=$(( $2 < 2 ? $2 : 2 ))
+    "${UA_PG_BIN}/pgbench" -n -M prepared -c "$2" -j "$jobs" -T "$SECONDS_PER_RUN" \
+        -h 127.0.0.1 -p "$PORT" -U postgres -f "$3" "$1" 2>&1 | awk '/^tps = / {print $3; exit}'
+}
+
+if $run_quota; then
+    ua_psql "$PORT" bench_usage_agg -f "$BENCH/quota_setup.sql" >/dev/null
+    for round in $(seq 1 "$ROUNDS"); do
+        for script in consume_many consume_one; do
+            tps=$(pgbench_tps bench_usage_agg 16 "$BENCH/$script.pgbench")
+            echo "$script usage_agg $tps" >>"$RAW"
+            ua_log "round $round: $script, 16 clients: $tps tps"
+        done
+    done
+    # Three-way agreement after the storm.
+    bad=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT count(*) FROM usage_agg.quotas q
+            WHERE q.monthly_used <> (SELECT coalesce(sum(amount), 0) FROM usage_agg.quota_usage_logs l WHERE l.user_id = q.user_id)")
+    [ "$bad" = "0" ] || { echo "quota accounting disagrees for $bad users" >&2; exit 1; }
+fi
+
 for round in $(seq 1 "$ROUNDS"); do
+    $run_fold || break
     for n in $CLIENTS; do
         for c in "${CONTENDERS[@]}"; do
             reset_tables "$c"
@@ -56,8 +82,8 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # A bulk load leaves the aggregate exact: checked, not assumed.
-bad=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
-[ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences after the bulk load" >&2; exit 1; }
+$run_fold && bad=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
+$run_fold && { [ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences after the bulk load" >&2; exit 1; }; }
 
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 get() { awk -v w="$1" -v c="$2" '$1==w && $2==c {print $3}' "$RAW" | median; }
@@ -68,10 +94,11 @@ get() { awk -v w="$1" -v c="$2" '$1==w && $2==c {print $3}' "$RAW" | median; }
     echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
     echo "- machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -srm)"
     echo "- server: $("${UA_PG_BIN}/postgres" --version), shared_buffers=1GB, max_wal_size=4GB, fsync/synchronous_commit on (defaults)"
-    echo "- command: \`BENCH_CLIENTS=\"$CLIENTS\" BENCH_SECONDS=$SECONDS_PER_RUN BENCH_ROUNDS=$ROUNDS bash bench/run.sh\`"
+    echo "- command: \`BENCH_WORKLOADS=\"$WORKLOADS\" BENCH_CLIENTS=\"$CLIENTS\" BENCH_SECONDS=$SECONDS_PER_RUN BENCH_ROUNDS=$ROUNDS bash bench/run.sh\`"
     echo "- single-row: pgbench -M prepared, ${SECONDS_PER_RUN}s per run, 10,000 users, 4 keys, 3 models; median of $ROUNDS rounds"
     echo "- bulk: one INSERT ... SELECT of 200,000 rows over 10,000 users and 3 days; median of $ROUNDS rounds"
     echo
+    if $run_fold; then
     echo "| workload | bare | usage_agg | PL/pgSQL trigger | usage_agg / bare | usage_agg / PL/pgSQL |"
     echo "|---|---:|---:|---:|---:|---:|"
     for n in $CLIENTS; do
@@ -82,5 +109,13 @@ get() { awk -v w="$1" -v c="$2" '$1==w && $2==c {print $3}' "$RAW" | median; }
     b=$(get bulk_200k bare); u=$(get bulk_200k usage_agg); p=$(get bulk_200k plpgsql)
     awk -v b="$b" -v u="$u" -v p="$p" 'BEGIN {
         printf "| 200,000-row INSERT ... SELECT (ms, lower is better) | %.0f | %.0f | %.0f | %.2fx time | %.2fx time |\n", b, u, p, u/b, u/p }'
+    fi
+    if $run_quota; then
+    echo
+    echo "| quota workload (16 clients, pgbench -M prepared) | usage_agg tps |"
+    echo "|---|---:|"
+    echo "| consume_quota, 10,000 users | $(get consume_many usage_agg | awk '{printf "%.0f", $1}') |"
+    echo "| consume_quota, all clients on one user | $(get consume_one usage_agg | awk '{printf "%.0f", $1}') |"
+    fi
 } | tee "$OUT"
 ua_log "written to $OUT"
