@@ -104,7 +104,9 @@ fn with_plan<R>(
             } else {
                 client.prepare(sql.as_str(), args)
             };
-            prepared.unwrap_or_else(|e| errors::internal("preparing the fold", e)).keep()
+            prepared
+                .unwrap_or_else(|e| errors::internal("preparing the fold", e))
+                .keep()
         });
         f(plan)
     })
@@ -120,40 +122,53 @@ fn read_groups(
     removed: bool,
     out: &mut Vec<(Key, GroupRow, bool)>,
 ) {
-    with_plan(cell, client, &|| grouping_query(table), &[], false, |plan| {
-        let rows = client
-            .select(plan, None, &[])
-            .unwrap_or_else(|e| errors::internal("reading the statement's rows", e));
-        for row in rows {
-            let get_i64 = |i: usize| -> i64 {
-                row.get::<i64>(i).unwrap_or_else(|e| errors::internal("reading a group", e)).unwrap_or(0)
-            };
-            let user: Uuid = row
-                .get::<Uuid>(1)
-                .unwrap_or_else(|e| errors::internal("reading a group", e))
-                .unwrap_or_else(|| errors::internal("reading a group", "user_id is NULL"));
-            let day: i32 = row
-                .get::<i32>(2)
-                .unwrap_or_else(|e| errors::internal("reading a group", e))
-                .unwrap_or_else(|| errors::internal("reading a group", "day is NULL"));
-            let cost_text: String = row
-                .get::<String>(8)
-                .unwrap_or_else(|e| errors::internal("reading a group", e))
-                .unwrap_or_else(|| "0".to_string());
-            let cost = BigDecimal::from_str(&cost_text)
-                .unwrap_or_else(|e| errors::internal("reading a cost", e));
-            let group = GroupRow {
-                model: row.get::<String>(3).unwrap_or_else(|e| errors::internal("reading a group", e)),
-                key: row.get::<String>(4).unwrap_or_else(|e| errors::internal("reading a group", e)),
-                calls: get_i64(5),
-                successful: get_i64(6),
-                tokens: get_i64(7),
-                cost,
-                last_at_micros: get_i64(9),
-            };
-            out.push(((user, day), group, removed));
-        }
-    });
+    with_plan(
+        cell,
+        client,
+        &|| grouping_query(table),
+        &[],
+        false,
+        |plan| {
+            let rows = client
+                .select(plan, None, &[])
+                .unwrap_or_else(|e| errors::internal("reading the statement's rows", e));
+            for row in rows {
+                let get_i64 = |i: usize| -> i64 {
+                    row.get::<i64>(i)
+                        .unwrap_or_else(|e| errors::internal("reading a group", e))
+                        .unwrap_or(0)
+                };
+                let user: Uuid = row
+                    .get::<Uuid>(1)
+                    .unwrap_or_else(|e| errors::internal("reading a group", e))
+                    .unwrap_or_else(|| errors::internal("reading a group", "user_id is NULL"));
+                let day: i32 = row
+                    .get::<i32>(2)
+                    .unwrap_or_else(|e| errors::internal("reading a group", e))
+                    .unwrap_or_else(|| errors::internal("reading a group", "day is NULL"));
+                let cost_text: String = row
+                    .get::<String>(8)
+                    .unwrap_or_else(|e| errors::internal("reading a group", e))
+                    .unwrap_or_else(|| "0".to_string());
+                let cost = BigDecimal::from_str(&cost_text)
+                    .unwrap_or_else(|e| errors::internal("reading a cost", e));
+                let group = GroupRow {
+                    model: row
+                        .get::<String>(3)
+                        .unwrap_or_else(|e| errors::internal("reading a group", e)),
+                    key: row
+                        .get::<String>(4)
+                        .unwrap_or_else(|e| errors::internal("reading a group", e)),
+                    calls: get_i64(5),
+                    successful: get_i64(6),
+                    tokens: get_i64(7),
+                    cost,
+                    last_at_micros: get_i64(9),
+                };
+                out.push(((user, day), group, removed));
+            }
+        },
+    );
 }
 
 /// The trigger function. Created by hand in `sql/fold.sql` (it pins its
@@ -176,7 +191,7 @@ fn fold_key_usage_logs<'a>(
         // Make the transition tables visible to SPI queries by name.
         let rc = unsafe {
             pg_sys::SPI_register_trigger_data(
-                trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData,
+                trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData
             )
         };
         if rc < 0 {
@@ -231,7 +246,10 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
             &LOCK,
             client,
             &|| LOCK_DAYS.to_string(),
-            &[PgOid::from(pg_sys::UUIDARRAYOID), PgOid::from(pg_sys::INT4ARRAYOID)],
+            &[
+                PgOid::from(pg_sys::UUIDARRAYOID),
+                PgOid::from(pg_sys::INT4ARRAYOID),
+            ],
             true,
             |plan| {
                 client
@@ -255,7 +273,12 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
                     .select(
                         plan,
                         None,
-                        &[fix_users.into(), fix_days.into(), fix_docs.into(), fix_removed.into()],
+                        &[
+                            fix_users.into(),
+                            fix_days.into(),
+                            fix_docs.into(),
+                            fix_removed.into(),
+                        ],
                     )
                     .unwrap_or_else(|e| errors::internal("correcting daily rows", e));
             },
@@ -275,7 +298,11 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
             true,
             |plan| {
                 client
-                    .select(plan, None, &[add_users.into(), add_days.into(), add_docs.into()])
+                    .select(
+                        plan,
+                        None,
+                        &[add_users.into(), add_days.into(), add_docs.into()],
+                    )
                     .unwrap_or_else(|e| errors::internal("writing daily rows", e));
             },
         );
@@ -301,7 +328,10 @@ fn fold_correct(
     removed_last_at: i64,
     detail_last_at: Option<i64>,
 ) -> JsonB {
-    let correction = Correction { removed_last_at, detail_last_at };
+    let correction = Correction {
+        removed_last_at,
+        detail_last_at,
+    };
     match logdata::merge_documents(&stored.0, &delta.0, Some(correction)) {
         Ok(v) => JsonB(v),
         Err(e) => errors::corrupt_daily_row(&e, &user_id, day.to_pg_epoch_days()),

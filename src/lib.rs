@@ -20,16 +20,8 @@ extension_sql_file!(
     name = "fold_triggers",
     requires = ["schema", fold::fold_key_usage_logs]
 );
-extension_sql_file!(
-    "../sql/verify.sql",
-    name = "verify",
-    requires = ["schema"]
-);
-extension_sql_file!(
-    "../sql/quotas.sql",
-    name = "quotas",
-    requires = ["schema"]
-);
+extension_sql_file!("../sql/verify.sql", name = "verify", requires = ["schema"]);
+extension_sql_file!("../sql/quotas.sql", name = "quotas", requires = ["schema"]);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

@@ -42,7 +42,11 @@ pub struct CorruptField {
 
 impl std::fmt::Display for CorruptField {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "field \"{}\" holds {} where {} was expected", self.field, self.found, self.expected)
+        write!(
+            f,
+            "field \"{}\" holds {} where {} was expected",
+            self.field, self.found, self.expected
+        )
     }
 }
 
@@ -112,7 +116,11 @@ impl DayDelta {
     /// Adds (`removed == false`) or subtracts (`removed == true`) one group row.
     pub fn apply(&mut self, row: &GroupRow, removed: bool) {
         let sign = if removed { -1 } else { 1 };
-        let cell = Cell { calls: row.calls, tokens: row.tokens, cost: row.cost.clone() };
+        let cell = Cell {
+            calls: row.calls,
+            tokens: row.tokens,
+            cost: row.cost.clone(),
+        };
         self.calls += sign * row.calls;
         self.successful += sign * row.successful;
         self.failed += sign * (row.calls - row.successful);
@@ -123,12 +131,19 @@ impl DayDelta {
             self.cost += &row.cost;
         }
         if let Some(model) = &row.model {
-            self.by_model.entry(model.clone()).or_default().add(&cell, sign);
+            self.by_model
+                .entry(model.clone())
+                .or_default()
+                .add(&cell, sign);
         }
         if let Some(key) = &row.key {
             self.by_key.entry(key.clone()).or_default().add(&cell, sign);
         }
-        let slot = if removed { &mut self.removed_last_at } else { &mut self.added_last_at };
+        let slot = if removed {
+            &mut self.removed_last_at
+        } else {
+            &mut self.added_last_at
+        };
         *slot = Some(slot.map_or(row.last_at_micros, |t| t.max(row.last_at_micros)));
     }
 
@@ -175,14 +190,20 @@ impl DayDelta {
         doc.insert(SHARED_SERVICE_USAGE.into(), Value::Object(ssu));
         doc.insert(
             LAST_API_CALL_AT.into(),
-            self.added_last_at.map_or(Value::Null, |t| Value::String(format_micros(t))),
+            self.added_last_at
+                .map_or(Value::Null, |t| Value::String(format_micros(t))),
         );
         Value::Object(doc)
     }
 }
 
 fn cells_json(cells: &BTreeMap<String, Cell>) -> Value {
-    Value::Object(cells.iter().map(|(k, c)| (k.clone(), c.to_json())).collect())
+    Value::Object(
+        cells
+            .iter()
+            .map(|(k, c)| (k.clone(), c.to_json()))
+            .collect(),
+    )
 }
 
 /// Groups the rows of one statement per (user, day). `K` is whatever identifies a
@@ -221,7 +242,13 @@ pub fn merge_documents(
     };
     let mut out = stored_map.clone();
 
-    add_number(&mut out, API_CALL_COUNT, API_CALL_COUNT, get(delta, &[API_CALL_COUNT]), true)?;
+    add_number(
+        &mut out,
+        API_CALL_COUNT,
+        API_CALL_COUNT,
+        get(delta, &[API_CALL_COUNT]),
+        true,
+    )?;
 
     let mut ssu = match out.get(SHARED_SERVICE_USAGE) {
         None | Some(Value::Null) => Map::new(),
@@ -230,7 +257,13 @@ pub fn merge_documents(
     };
     for counter in SSU_COUNTERS {
         let path = format!("{SHARED_SERVICE_USAGE}.{counter}");
-        add_number(&mut ssu, counter, &path, get(delta, &[SHARED_SERVICE_USAGE, counter]), true)?;
+        add_number(
+            &mut ssu,
+            counter,
+            &path,
+            get(delta, &[SHARED_SERVICE_USAGE, counter]),
+            true,
+        )?;
     }
     let path = format!("{SHARED_SERVICE_USAGE}.{ESTIMATED_COST}");
     add_number(
@@ -241,19 +274,31 @@ pub fn merge_documents(
         false,
     )?;
 
-    merge_cells(&mut ssu, BY_MODEL, get(delta, &[SHARED_SERVICE_USAGE, BY_MODEL]))?;
-    let removed_keys = merge_cells(&mut ssu, BY_KEY, get(delta, &[SHARED_SERVICE_USAGE, BY_KEY]))?;
-    merge_keys_used(&mut ssu, get(delta, &[SHARED_SERVICE_USAGE, BY_KEY]), &removed_keys)?;
+    merge_cells(
+        &mut ssu,
+        BY_MODEL,
+        get(delta, &[SHARED_SERVICE_USAGE, BY_MODEL]),
+    )?;
+    let removed_keys = merge_cells(
+        &mut ssu,
+        BY_KEY,
+        get(delta, &[SHARED_SERVICE_USAGE, BY_KEY]),
+    )?;
+    merge_keys_used(
+        &mut ssu,
+        get(delta, &[SHARED_SERVICE_USAGE, BY_KEY]),
+        &removed_keys,
+    )?;
     out.insert(SHARED_SERVICE_USAGE.into(), Value::Object(ssu));
 
-    let stored_last = match out.get(LAST_API_CALL_AT) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(
-            parse_timestamp_micros(s)
-                .ok_or_else(|| corrupt(LAST_API_CALL_AT, &Value::String(s.clone()), "a timestamp"))?,
-        ),
-        Some(other) => return Err(corrupt(LAST_API_CALL_AT, other, "a timestamp string")),
-    };
+    let stored_last =
+        match out.get(LAST_API_CALL_AT) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(parse_timestamp_micros(s).ok_or_else(|| {
+                corrupt(LAST_API_CALL_AT, &Value::String(s.clone()), "a timestamp")
+            })?),
+            Some(other) => return Err(corrupt(LAST_API_CALL_AT, other, "a timestamp string")),
+        };
     let added_last = match get(delta, &[LAST_API_CALL_AT]) {
         Some(Value::String(s)) => parse_timestamp_micros(s),
         _ => None,
@@ -301,7 +346,11 @@ fn corrupt(field: &str, found: &Value, expected: &'static str) -> CorruptField {
         found.truncate(cut);
         found.push_str("...");
     }
-    CorruptField { field: field.to_string(), found, expected }
+    CorruptField {
+        field: field.to_string(),
+        found,
+        expected,
+    }
 }
 
 /// Reads an exact decimal from a stored field (missing or null counts as zero).
@@ -314,7 +363,8 @@ fn read_decimal(
     match value {
         None | Some(Value::Null) => Ok(BigDecimal::zero()),
         Some(Value::Number(n)) => {
-            let d = BigDecimal::from_str(&n.to_string()).map_err(|_| corrupt(path, value.unwrap(), expected))?;
+            let d = BigDecimal::from_str(&n.to_string())
+                .map_err(|_| corrupt(path, value.unwrap(), expected))?;
             if integer && !d.is_integer() {
                 return Err(corrupt(path, value.unwrap(), expected));
             }
@@ -334,7 +384,11 @@ fn add_number(
     let current = read_decimal(map.get(key), path, integer)?;
     let add = read_decimal(delta, path, integer)?;
     let sum = current + add;
-    let value = if integer { integer_json(&sum) } else { decimal_json(&sum) };
+    let value = if integer {
+        integer_json(&sum)
+    } else {
+        decimal_json(&sum)
+    };
     map.insert(key.to_string(), value);
     Ok(())
 }
@@ -397,12 +451,13 @@ fn merge_keys_used(
         Some(other) => return Err(corrupt(&path, other, "a JSON array")),
     };
     keys.retain(|k| !matches!(k, Value::String(s) if removed_keys.contains(s)));
-    let still_present = |name: &str| {
-        matches!(ssu.get(BY_KEY), Some(Value::Object(m)) if m.contains_key(name))
-    };
+    let still_present =
+        |name: &str| matches!(ssu.get(BY_KEY), Some(Value::Object(m)) if m.contains_key(name));
     if let Some(Value::Object(delta_cells)) = delta_by_key {
         for name in delta_cells.keys() {
-            let listed = keys.iter().any(|k| matches!(k, Value::String(s) if s == name));
+            let listed = keys
+                .iter()
+                .any(|k| matches!(k, Value::String(s) if s == name));
             if !listed && still_present(name) {
                 keys.push(Value::String(name.clone()));
             }
@@ -438,7 +493,10 @@ pub fn pg_days_to_iso(pg_days: i32) -> String {
     let epoch = chrono::NaiveDate::from_ymd_opt(2000, 1, 1).expect("valid date");
     epoch
         .checked_add_signed(chrono::Duration::days(i64::from(pg_days)))
-        .map_or_else(|| format!("day {pg_days}"), |d| d.format("%Y-%m-%d").to_string())
+        .map_or_else(
+            || format!("day {pg_days}"),
+            |d| d.format("%Y-%m-%d").to_string(),
+        )
 }
 
 /// Parses RFC 3339 and the text forms Postgres itself prints for timestamptz.
@@ -468,7 +526,15 @@ mod tests {
         BigDecimal::from_str(s).unwrap()
     }
 
-    fn row(model: Option<&str>, key: Option<&str>, calls: i64, ok: i64, tokens: i64, cost: &str, at: i64) -> GroupRow {
+    fn row(
+        model: Option<&str>,
+        key: Option<&str>,
+        calls: i64,
+        ok: i64,
+        tokens: i64,
+        cost: &str,
+        at: i64,
+    ) -> GroupRow {
         GroupRow {
             model: model.map(String::from),
             key: key.map(String::from),
@@ -485,7 +551,10 @@ mod tests {
     #[test]
     fn first_call_of_the_day_gives_the_full_layout() {
         let mut d = DayDelta::default();
-        d.apply(&row(Some("gpt-4o"), Some("k1"), 1, 1, 900, "0.01", T0), false);
+        d.apply(
+            &row(Some("gpt-4o"), Some("k1"), 1, 1, 900, "0.01", T0),
+            false,
+        );
         assert_eq!(
             d.to_document(),
             json!({
@@ -517,7 +586,10 @@ mod tests {
             "last_api_call_at": "2026-01-15T11:45:00Z"
         });
         let mut d = DayDelta::default();
-        d.apply(&row(Some("m2"), Some("k2"), 3, 3, 30, "0.05", T0 - 1), false);
+        d.apply(
+            &row(Some("m2"), Some("k2"), 3, 3, 30, "0.05", T0 - 1),
+            false,
+        );
         let merged = merge_documents(&stored, &d.to_document(), None).unwrap();
         assert_eq!(merged["conversation_count"], json!(7));
         assert_eq!(merged["api_call_count"], json!(5));
@@ -543,14 +615,20 @@ mod tests {
             d.apply(&row(None, None, 1, 1, 0, "0.1", T0), false);
             stored = merge_documents(&stored, &d.to_document(), None).unwrap();
         }
-        assert_eq!(stored["shared_service_usage"]["estimated_cost"].to_string(), "100.0");
+        assert_eq!(
+            stored["shared_service_usage"]["estimated_cost"].to_string(),
+            "100.0"
+        );
         assert_eq!(stored["api_call_count"], json!(1000));
     }
 
     #[test]
     fn large_costs_stay_in_plain_notation() {
         let mut d = DayDelta::default();
-        d.apply(&row(None, None, 1, 1, 0, "12345678901234567890.123456789", T0), false);
+        d.apply(
+            &row(None, None, 1, 1, 0, "12345678901234567890.123456789", T0),
+            false,
+        );
         d.apply(&row(None, None, 1, 1, 0, "0.000000001", T0), false);
         assert_eq!(
             d.to_document()["shared_service_usage"]["estimated_cost"].to_string(),
@@ -562,16 +640,26 @@ mod tests {
     fn removal_drops_empty_cells_and_keys_and_corrects_last_call() {
         let mut add = DayDelta::default();
         add.apply(&row(Some("m1"), Some("k1"), 1, 1, 10, "0.5", T0), false);
-        add.apply(&row(Some("m2"), Some("k2"), 1, 0, 20, "0.25", T0 + 60_000_000), false);
-        let stored = merge_documents(&json!({"upload_count": 1}), &add.to_document(), None).unwrap();
+        add.apply(
+            &row(Some("m2"), Some("k2"), 1, 0, 20, "0.25", T0 + 60_000_000),
+            false,
+        );
+        let stored =
+            merge_documents(&json!({"upload_count": 1}), &add.to_document(), None).unwrap();
 
         let mut del = DayDelta::default();
-        del.apply(&row(Some("m2"), Some("k2"), 1, 0, 20, "0.25", T0 + 60_000_000), true);
+        del.apply(
+            &row(Some("m2"), Some("k2"), 1, 0, 20, "0.25", T0 + 60_000_000),
+            true,
+        );
         assert!(del.has_removals());
         let corrected = merge_documents(
             &stored,
             &del.to_document(),
-            Some(Correction { removed_last_at: T0 + 60_000_000, detail_last_at: Some(T0) }),
+            Some(Correction {
+                removed_last_at: T0 + 60_000_000,
+                detail_last_at: Some(T0),
+            }),
         )
         .unwrap();
         // 0.5 + 0.25 - 0.25 keeps numeric's scale, as sum() over the detail does.
@@ -591,7 +679,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(corrected, expected);
-        assert_eq!(corrected["shared_service_usage"]["estimated_cost"].to_string(), "0.50");
+        assert_eq!(
+            corrected["shared_service_usage"]["estimated_cost"].to_string(),
+            "0.50"
+        );
     }
 
     #[test]
@@ -602,7 +693,10 @@ mod tests {
         let out = merge_documents(
             &stored,
             &del.to_document(),
-            Some(Correction { removed_last_at: T0, detail_last_at: None }),
+            Some(Correction {
+                removed_last_at: T0,
+                detail_last_at: None,
+            }),
         )
         .unwrap();
         assert_eq!(out["last_api_call_at"], json!("2026-01-15T12:00:00Z"));
@@ -629,7 +723,8 @@ mod tests {
         assert_eq!(err.expected, "an integer");
         let err = merge_documents(&json!([1]), &d, None).unwrap_err();
         assert_eq!(err.field, "log_data");
-        let err = merge_documents(&json!({"shared_service_usage": {"keys_used": 3}}), &d, None).unwrap_err();
+        let err = merge_documents(&json!({"shared_service_usage": {"keys_used": 3}}), &d, None)
+            .unwrap_err();
         assert_eq!(err.field, "shared_service_usage.keys_used");
         let err = merge_documents(&json!({"last_api_call_at": "yesterday"}), &d, None).unwrap_err();
         assert_eq!(err.field, "last_api_call_at");
@@ -648,7 +743,10 @@ mod tests {
         assert_eq!(format_micros(T0 + 5), "2026-01-15T11:45:00.000005Z");
         assert_eq!(parse_timestamp_micros("2026-01-15T11:45:00Z"), Some(T0));
         assert_eq!(parse_timestamp_micros("2026-01-15 19:45:00+08"), Some(T0));
-        assert_eq!(parse_timestamp_micros("2026-01-15T11:45:00.000005+00:00"), Some(T0 + 5));
+        assert_eq!(
+            parse_timestamp_micros("2026-01-15T11:45:00.000005+00:00"),
+            Some(T0 + 5)
+        );
         assert_eq!(parse_timestamp_micros("nope"), None);
     }
 }

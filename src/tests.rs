@@ -142,20 +142,31 @@ mod tests {
             ),
             Some("1/0.5/2026-04-01T10:00:00Z".to_string())
         );
-        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.verify_daily_logs('2026-04-01', '2026-04-01')"), Some(0));
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM usage_agg.verify_daily_logs('2026-04-01', '2026-04-01')"
+            ),
+            Some(0)
+        );
     }
 
-    #[pg_test(error = "new row for relation \"key_usage_logs\" violates check constraint \"key_usage_logs_cost_estimate_finite_not_negative\"")]
+    #[pg_test(
+        error = "new row for relation \"key_usage_logs\" violates check constraint \"key_usage_logs_cost_estimate_finite_not_negative\""
+    )]
     fn nan_cost_is_rejected() {
         Spi::run("INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES (gen_random_uuid(), 'NaN')").unwrap();
     }
 
-    #[pg_test(error = "new row for relation \"key_usage_logs\" violates check constraint \"key_usage_logs_tokens_used_not_negative\"")]
+    #[pg_test(
+        error = "new row for relation \"key_usage_logs\" violates check constraint \"key_usage_logs_tokens_used_not_negative\""
+    )]
     fn negative_tokens_are_rejected() {
         Spi::run("INSERT INTO usage_agg.key_usage_logs (user_id, tokens_used) VALUES (gen_random_uuid(), -1)").unwrap();
     }
 
-    #[pg_test(error = "usage_agg: daily_logs row of user 00000000-0000-0000-0000-000000000007 on 2026-05-05 has a corrupted field \"api_call_count\"")]
+    #[pg_test(
+        error = "usage_agg: daily_logs row of user 00000000-0000-0000-0000-000000000007 on 2026-05-05 has a corrupted field \"api_call_count\""
+    )]
     fn corrupted_daily_row_names_user_and_date() {
         Spi::run(
             "INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
@@ -186,14 +197,25 @@ mod tests {
             one::<String>("SELECT string_agg(field, ',') FROM usage_agg.verify_daily_logs('2026-06-01', '2026-06-01')"),
             Some("api_call_count".to_string())
         );
-        assert_eq!(one::<i64>("SELECT usage_agg.rebuild_daily_logs('2026-06-01', '2026-06-01')"), Some(1));
-        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.verify_daily_logs('2026-06-01', '2026-06-01')"), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT usage_agg.rebuild_daily_logs('2026-06-01', '2026-06-01')"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM usage_agg.verify_daily_logs('2026-06-01', '2026-06-01')"
+            ),
+            Some(0)
+        );
         assert_eq!(
             one::<String>("SELECT log_data->>'upload_count' FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000008'"),
             Some("2".to_string())
         );
         // A second rebuild finds nothing to change.
-        assert_eq!(one::<i64>("SELECT usage_agg.rebuild_daily_logs('2026-06-01', '2026-06-01')"), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT usage_agg.rebuild_daily_logs('2026-06-01', '2026-06-01')"),
+            Some(0)
+        );
     }
 
     #[pg_test(error = "usage_agg: the day range starts after it ends")]
@@ -215,7 +237,9 @@ mod tests {
              END $f$",
         )
         .unwrap();
-        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()]).unwrap().unwrap()
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()])
+            .unwrap()
+            .unwrap()
     }
 
     #[pg_test]
@@ -227,13 +251,18 @@ mod tests {
             ),
             Some("free 100 1 99 1 true".to_string())
         );
-        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.quota_usage_logs"), Some(1));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.quota_usage_logs"),
+            Some(1)
+        );
     }
 
     #[pg_test]
     fn quota_exceeded_is_reported_exactly() {
-        Spi::run("SELECT usage_agg.set_membership('90000000-0000-0000-0000-000000000003', 'plus')").unwrap();
-        Spi::run("SELECT usage_agg.consume_quota('90000000-0000-0000-0000-000000000003', 999)").unwrap();
+        Spi::run("SELECT usage_agg.set_membership('90000000-0000-0000-0000-000000000003', 'plus')")
+            .unwrap();
+        Spi::run("SELECT usage_agg.consume_quota('90000000-0000-0000-0000-000000000003', 999)")
+            .unwrap();
         Spi::run("UPDATE usage_agg.quotas SET quota_reset_at = '2099-01-01 00:00+00'").unwrap();
         assert_eq!(
             error_of("SELECT usage_agg.consume_quota('90000000-0000-0000-0000-000000000003', 2)"),
@@ -241,7 +270,10 @@ mod tests {
              |requested: 2, remaining: 1, monthly_quota: 1000, monthly_used: 999, plan: plus, resets at: 2099-01-01T00:00:00Z\
              |Upgrade to plan pro (3000 a month), or wait until 2099-01-01T00:00:00Z."
         );
-        assert_eq!(one::<i64>("SELECT count(*) FROM usage_agg.quota_usage_logs"), Some(1));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.quota_usage_logs"),
+            Some(1)
+        );
         assert_eq!(
             one::<String>("SELECT allowed::text FROM usage_agg.try_consume_quota('90000000-0000-0000-0000-000000000003', 2)"),
             Some("false".to_string())
@@ -265,7 +297,17 @@ mod tests {
             ),
             Some("4 true".to_string())
         );
-        assert_eq!(one::<String>("SELECT monthly_used || ' ' || allowed FROM usage_agg.refund_quota('req-a')"), Some("0 true".to_string()));
-        assert_eq!(one::<String>("SELECT monthly_used || ' ' || allowed FROM usage_agg.refund_quota('req-a')"), Some("0 false".to_string()));
+        assert_eq!(
+            one::<String>(
+                "SELECT monthly_used || ' ' || allowed FROM usage_agg.refund_quota('req-a')"
+            ),
+            Some("0 true".to_string())
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT monthly_used || ' ' || allowed FROM usage_agg.refund_quota('req-a')"
+            ),
+            Some("0 false".to_string())
+        );
     }
 }

@@ -42,7 +42,10 @@ fn concurrent_sessions_fold_exactly() {
         h.join().unwrap();
     }
     let mut c = db.connect();
-    assert_eq!(verify(&mut c, "2026-07-01", "2026-07-01"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-07-01", "2026-07-01"),
+        Vec::<String>::new()
+    );
     assert_eq!(group_by_mismatches(&mut c), 0);
     // The shared user's day: 8 clients x 150 calls, each 0.01.
     let shared = format!(
@@ -50,7 +53,10 @@ fn concurrent_sessions_fold_exactly() {
            FROM usage_agg.daily_logs WHERE user_id = '{SHARED_USER}' AND date = '2026-07-01'"
     );
     assert_eq!(scalar_text(&mut c, &shared), Some("1200 12.00".to_string()));
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"), CLIENTS as i64 + 1);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"),
+        CLIENTS as i64 + 1
+    );
 }
 
 #[test]
@@ -66,9 +72,15 @@ fn bulk_insert_select_of_200k_rows() {
            FROM generate_series(1, 200000) i",
     )
     .unwrap();
-    assert_eq!(verify(&mut c, "2026-08-01", "2026-08-03"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-08-01", "2026-08-03"),
+        Vec::<String>::new()
+    );
     assert_eq!(group_by_mismatches(&mut c), 0);
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"), 3000);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"),
+        3000
+    );
     assert_eq!(
         scalar_text(
             &mut c,
@@ -98,7 +110,10 @@ fn copy_is_folded_per_statement() {
         .unwrap();
     }
     w.finish().unwrap();
-    assert_eq!(verify(&mut c, "2026-09-01", "2026-09-02"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-09-01", "2026-09-02"),
+        Vec::<String>::new()
+    );
     assert_eq!(group_by_mismatches(&mut c), 0);
     assert_eq!(
         scalar_text(
@@ -145,7 +160,10 @@ fn rolled_back_work_leaves_no_trace() {
     tx.commit().unwrap();
 
     assert_ne!(before, None);
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"), 1);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"),
+        1
+    );
     assert_eq!(
         scalar_text(
             &mut c,
@@ -154,7 +172,10 @@ fn rolled_back_work_leaves_no_trace() {
         ),
         Some("2 3 2026-10-01T12:00:00Z".to_string())
     );
-    assert_eq!(verify(&mut c, "2026-10-01", "2026-10-01"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-10-01", "2026-10-01"),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -175,7 +196,10 @@ fn updates_and_deletes_correct_the_aggregate() {
          UPDATE usage_agg.key_usage_logs SET error_message = 'timeout' WHERE id = '20000000-0000-0000-0000-000000000002';",
     )
     .unwrap();
-    assert_eq!(verify(&mut c, "2026-10-01", "2026-10-04"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-10-01", "2026-10-04"),
+        Vec::<String>::new()
+    );
     assert_eq!(
         scalar_text(
             &mut c,
@@ -186,7 +210,10 @@ fn updates_and_deletes_correct_the_aggregate() {
         Some("2.30 2026-10-02T09:00:00Z [\"30000000-0000-0000-0000-000000000001\", \"30000000-0000-0000-0000-000000000002\"]".to_string())
     );
     // Delete the key-2 call: key 2 and model b disappear from the day.
-    c.batch_execute("DELETE FROM usage_agg.key_usage_logs WHERE id = '20000000-0000-0000-0000-000000000002'").unwrap();
+    c.batch_execute(
+        "DELETE FROM usage_agg.key_usage_logs WHERE id = '20000000-0000-0000-0000-000000000002'",
+    )
+    .unwrap();
     assert_eq!(
         scalar_text(
             &mut c,
@@ -198,10 +225,17 @@ fn updates_and_deletes_correct_the_aggregate() {
         Some("1 0 [\"30000000-0000-0000-0000-000000000001\"] {\"a\": {\"cost\": 0.10, \"calls\": 1, \"tokens\": 100}} 2026-10-02T08:00:00Z".to_string())
     );
     // Delete everything: the days remain with zero counters.
-    c.batch_execute("DELETE FROM usage_agg.key_usage_logs").unwrap();
-    assert_eq!(verify(&mut c, "2026-10-01", "2026-10-04"), Vec::<String>::new());
+    c.batch_execute("DELETE FROM usage_agg.key_usage_logs")
+        .unwrap();
     assert_eq!(
-        scalar_i64(&mut c, "SELECT sum((log_data->>'api_call_count')::int) FROM usage_agg.daily_logs"),
+        verify(&mut c, "2026-10-01", "2026-10-04"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT sum((log_data->>'api_call_count')::int) FROM usage_agg.daily_logs"
+        ),
         0
     );
 }
@@ -254,7 +288,10 @@ fn concurrent_corrections_and_inserts_stay_exact() {
         h.join().unwrap();
     }
     let mut c = db.connect();
-    assert_eq!(verify(&mut c, "2026-10-05", "2026-10-06"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-10-05", "2026-10-06"),
+        Vec::<String>::new()
+    );
     assert_eq!(group_by_mismatches(&mut c), 0);
 }
 
@@ -291,7 +328,10 @@ fn request_id_counts_a_retried_call_once() {
         ),
         Some("2 0.75".to_string())
     );
-    assert_eq!(verify(&mut c, "2026-10-07", "2026-10-07"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-10-07", "2026-10-07"),
+        Vec::<String>::new()
+    );
 }
 
 #[test]
@@ -314,8 +354,14 @@ fn bad_input_is_refused_and_nothing_is_written() {
     for (sql, code) in cases {
         assert_eq!(sqlstate(c.batch_execute(sql)), code, "{sql}");
     }
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.key_usage_logs"), 0);
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"), 0);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.key_usage_logs"),
+        0
+    );
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"),
+        0
+    );
 
     // A daily row whose owned field an application corrupted.
     c.batch_execute(
@@ -331,11 +377,21 @@ fn bad_input_is_refused_and_nothing_is_written() {
         err.message(),
         "usage_agg: daily_logs row of user 66666666-0000-0000-0000-000000000001 on 2026-10-08 has a corrupted field \"api_call_count\""
     );
-    assert_eq!(err.detail(), Some("field \"api_call_count\" holds \"abc\" where an integer was expected."));
-    assert!(err.hint().unwrap().contains("rebuild_daily_logs('2026-10-08', '2026-10-08')"));
-    assert_eq!(scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.key_usage_logs"), 0);
+    assert_eq!(
+        err.detail(),
+        Some("field \"api_call_count\" holds \"abc\" where an integer was expected.")
+    );
+    assert!(err
+        .hint()
+        .unwrap()
+        .contains("rebuild_daily_logs('2026-10-08', '2026-10-08')"));
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.key_usage_logs"),
+        0
+    );
     // The hint's repair works and keeps the application's key.
-    c.batch_execute("SELECT usage_agg.rebuild_daily_logs('2026-10-08', '2026-10-08')").unwrap();
+    c.batch_execute("SELECT usage_agg.rebuild_daily_logs('2026-10-08', '2026-10-08')")
+        .unwrap();
     c.batch_execute(
         "INSERT INTO usage_agg.key_usage_logs (user_id, created_at) VALUES ('66666666-0000-0000-0000-000000000001', '2026-10-08 10:00+00')",
     )
@@ -366,7 +422,10 @@ fn day_is_the_calls_own_time_in_the_business_time_zone() {
         ),
         Some("2024-02-29=1,2026-11-20=1,2026-11-21=1".to_string())
     );
-    assert_eq!(verify(&mut c, "2024-01-01", "2026-12-31"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2024-01-01", "2026-12-31"),
+        Vec::<String>::new()
+    );
 }
 
 #[test]

@@ -21,13 +21,18 @@ impl TestDb {
     /// A fresh database with `CREATE EXTENSION usage_agg` done.
     pub fn new(name: &str) -> TestDb {
         let name = format!("ua_{name}");
-        let mut admin = Client::connect(&dsn_for("postgres"), NoTls).expect("connect to the test cluster");
+        let mut admin =
+            Client::connect(&dsn_for("postgres"), NoTls).expect("connect to the test cluster");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .expect("drop old test database");
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).expect("create test database");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create test database");
         let db = TestDb { name };
-        db.connect().batch_execute("CREATE EXTENSION usage_agg").expect("create extension");
+        db.connect()
+            .batch_execute("CREATE EXTENSION usage_agg")
+            .expect("create extension");
         db
     }
 
@@ -46,7 +51,9 @@ pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> String {
 
 pub fn db_error<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> postgres::error::DbError {
     let err = r.expect_err("the statement should have failed");
-    err.as_db_error().cloned().unwrap_or_else(|| panic!("not a database error: {err}"))
+    err.as_db_error()
+        .cloned()
+        .unwrap_or_else(|| panic!("not a database error: {err}"))
 }
 
 /// Rows of verify_daily_logs over a range, as "user date field" strings.
@@ -84,9 +91,13 @@ pub fn group_by_mismatches(c: &mut Client) -> i64 {
 }
 
 pub fn scalar_i64(c: &mut Client, sql: &str) -> i64 {
-    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
 
 pub fn scalar_text(c: &mut Client, sql: &str) -> Option<String> {
-    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+    c.query_one(sql, &[])
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
 }
