@@ -118,7 +118,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT (date_trunc('month', ts AT TIME ZONE tz.name) + interval '1 month') AT TIME ZONE tz.name
-      FROM (SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name) tz
+      FROM (SELECT usage_agg._timezone() AS name) tz
 $$;
 
 CREATE FUNCTION usage_agg._next_plan(level text) RETURNS usage_agg.quota_plans
@@ -345,7 +345,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT (date_trunc('month', (reset_at AT TIME ZONE tz.name) - interval '1 day')) AT TIME ZONE tz.name
-      FROM (SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name) tz
+      FROM (SELECT usage_agg._timezone() AS name) tz
 $$;
 
 CREATE FUNCTION usage_agg.refund_quota(p_request_id text)

@@ -117,8 +117,65 @@ COMMENT ON TABLE usage_agg.daily_logs IS
     'Keys of log_data other than api_call_count, shared_service_usage and last_api_call_at belong to the application.';
 
 -- ---------------------------------------------------------------------------
+-- Monthly aggregate: daily rows older than daily_retention, rolled up per user
+-- and calendar month (business time zone), same log_data layout.
+-- ---------------------------------------------------------------------------
+CREATE TABLE usage_agg.monthly_logs (
+    id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id       uuid        NOT NULL,
+    month         date        NOT NULL,
+    log_data      jsonb       NOT NULL,
+    last_modified timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT monthly_logs_month_is_first_day CHECK (extract(day FROM month) = 1),
+    CONSTRAINT monthly_logs_user_id_month_key UNIQUE (user_id, month)
+);
+COMMENT ON TABLE usage_agg.monthly_logs IS
+    'Per-user monthly usage: daily_logs rows rolled up by usage_agg.cleanup_old_daily_logs() before they are deleted.';
+
+-- ---------------------------------------------------------------------------
+-- Retention horizons: how far the cleanups have gone. Days before
+-- detail_kept_from have no detail any more (the fold ignores removals there and
+-- verify_daily_logs skips them); days before daily_kept_from were rolled up into
+-- monthly_logs. Written only by the cleanups; they never move back.
+-- ---------------------------------------------------------------------------
+CREATE TABLE usage_agg.retention_horizon (
+    detail_kept_from date NOT NULL DEFAULT '-infinity',
+    daily_kept_from  date NOT NULL DEFAULT '-infinity',
+    CONSTRAINT retention_horizon_daily_before_detail CHECK (daily_kept_from <= detail_kept_from)
+);
+CREATE UNIQUE INDEX retention_horizon_single_row ON usage_agg.retention_horizon ((true));
+COMMENT ON TABLE usage_agg.retention_horizon IS
+    'How far usage_agg retention has gone (one row, written by the cleanup functions).';
+
+-- A restore (pg_dump data) lands on the row CREATE EXTENSION made.
+CREATE FUNCTION usage_agg._retention_horizon_restore() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM usage_agg.retention_horizon) THEN
+        UPDATE usage_agg.retention_horizon
+           SET detail_kept_from = NEW.detail_kept_from, daily_kept_from = NEW.daily_kept_from;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER retention_horizon_restore
+    BEFORE INSERT ON usage_agg.retention_horizon
+    FOR EACH ROW EXECUTE FUNCTION usage_agg._retention_horizon_restore();
+
+INSERT INTO usage_agg.retention_horizon DEFAULT VALUES;
+
+-- ---------------------------------------------------------------------------
 -- Helpers shared by the fold, verification and rebuild.
 -- ---------------------------------------------------------------------------
+
+-- The business time zone. A SQL-standard body is bound at creation, so the
+-- caller's search_path cannot change what it reads.
+CREATE FUNCTION usage_agg._timezone() RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC');
 
 -- The canonical text of last_api_call_at: 2026-01-15T11:45:00Z, with .ffffff only
 -- when the microseconds are not zero. The Rust fold writes the same text.
@@ -141,3 +198,5 @@ RETURN (day::timestamp AT TIME ZONE tz);
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.config', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.key_usage_logs', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.daily_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.monthly_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.retention_horizon', '');

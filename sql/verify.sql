@@ -8,7 +8,7 @@ LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH tz AS (
-        SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name
+        SELECT usage_agg._timezone() AS name
     ), calls AS (
         SELECT k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS day,
                k.model_used, k.shared_key_id, k.success, k.tokens_used, k.cost_estimate, k.created_at
@@ -129,14 +129,21 @@ RETURNS TABLE (user_id uuid, date date, field text, aggregate_value jsonb, detai
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_from date;
 BEGIN
     PERFORM usage_agg._check_day_range(p_from, p_to);
+    -- Days whose detail the retention cleanup removed cannot be checked.
+    v_from := greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+    IF v_from > p_to THEN
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH expected AS (
-        SELECT e.user_id, e.date, e.log_data FROM usage_agg._detail_aggregates(p_from, p_to) e
+        SELECT e.user_id, e.date, e.log_data FROM usage_agg._detail_aggregates(v_from, p_to) e
     ), stored AS (
         SELECT d.user_id, d.date, d.log_data FROM usage_agg.daily_logs d
-         WHERE d.date BETWEEN p_from AND p_to
+         WHERE d.date BETWEEN v_from AND p_to
     ), pairs AS (
         SELECT COALESCE(s.user_id, e.user_id) AS user_id,
                COALESCE(s.date, e.date) AS date,
@@ -164,7 +171,7 @@ END;
 $$;
 
 COMMENT ON FUNCTION usage_agg.verify_daily_logs(date, date) IS
-    'Lists every (user, date, field) where daily_logs and a GROUP BY over key_usage_logs disagree; empty means consistent';
+    'Lists every (user, date, field) where daily_logs and a GROUP BY over key_usage_logs disagree; empty means consistent. Days whose detail has expired are skipped.';
 
 -- Recomputes the owned fields of daily_logs in [p_from, p_to] from the detail,
 -- day by day, keeping application keys. Returns the number of rows written.
@@ -181,6 +188,16 @@ DECLARE
     v_started timestamptz := clock_timestamp();
 BEGIN
     PERFORM usage_agg._check_day_range(p_from, p_to);
+    -- Days whose detail has expired keep their aggregates: rebuilding them from
+    -- no detail would zero them.
+    v_day := (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h);
+    IF p_from < v_day THEN
+        RAISE NOTICE 'usage_agg.rebuild_daily_logs: days before % have no detail any more and are left as they are', v_day;
+        p_from := v_day;
+        IF p_from > p_to THEN
+            RETURN 0;
+        END IF;
+    END IF;
     -- Hold detail writers off while recomputing, so no fold can interleave with the
     -- recomputation of a day (reads keep working).
     LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;

@@ -28,6 +28,26 @@ pub fn corrupt_daily_row(err: &CorruptField, user_id: &pgrx::Uuid, pg_days: i32)
     unreachable!()
 }
 
+/// A `daily_logs` row being rolled up into `monthly_logs` whose owned fields an
+/// application overwrote with something that cannot be added up.
+pub fn corrupt_rollup(err: &CorruptField) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        format!(
+            "usage_agg: cannot roll a daily_logs row up into monthly_logs: corrupted field \"{}\"",
+            err.field
+        ),
+        "usage_agg::retention",
+    )
+    .set_detail(format!("{err}."))
+    .set_hint(
+        "Find the row with usage_agg.verify_daily_logs(from, to) while its detail exists, \
+         or correct its log_data by hand; nothing was rolled up or deleted.",
+    )
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
 /// Something that should not happen (an SPI failure). Reported as an internal
 /// error with what was being done, never as a Rust panic.
 pub fn internal(what: &str, cause: impl std::fmt::Display) -> ! {

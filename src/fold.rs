@@ -26,7 +26,14 @@ pub const OLD_ROWS: &str = "usage_agg_old_rows";
 
 /// Groups a transition table per (user, business day, model, key). The day is
 /// computed from the row's own `created_at` in the configured time zone.
-fn grouping_query(table: &str) -> String {
+/// Rows removed (`skip_expired`) are counted only from the detail horizon on:
+/// before it the retention cleanup deletes detail whose aggregates must stay.
+fn grouping_query(table: &str, skip_expired: bool) -> String {
+    let filter = if skip_expired {
+        "WHERE t.created_at >= tz.kept_from"
+    } else {
+        ""
+    };
     // `table` is one of the two constants above, never user input.
     format!(
         "SELECT t.user_id,
@@ -39,7 +46,10 @@ fn grouping_query(table: &str) -> String {
                 COALESCE(sum(t.cost_estimate), 0)::text,
                 (extract(epoch FROM max(t.created_at)) * 1000000)::int8
            FROM {table} t
-          CROSS JOIN (SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name) tz
+          CROSS JOIN (SELECT z.name,
+                             usage_agg._day_start((SELECT h.detail_kept_from FROM usage_agg.retention_horizon h), z.name) AS kept_from
+                        FROM (SELECT usage_agg._timezone() AS name) z) tz
+          {filter}
           GROUP BY 1, 2, 3, 4"
     )
 }
@@ -77,7 +87,7 @@ const APPLY_CORRECTIONS: &str = "
       FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]),
                      pg_catalog.unnest($3::jsonb[]), pg_catalog.unnest($4::int8[]))
                AS u(user_id, day, delta, removed_last_at),
-           (SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') AS name) tz
+           (SELECT usage_agg._timezone() AS name) tz
      WHERE d.user_id = u.user_id AND d.date = DATE '2000-01-01' + u.day";
 
 thread_local! {
@@ -125,7 +135,7 @@ fn read_groups(
     with_plan(
         cell,
         client,
-        &|| grouping_query(table),
+        &|| grouping_query(table, removed),
         &[],
         false,
         |plan| {

@@ -2,6 +2,7 @@
 //!
 //! - `logdata`: pure folding of usage into the `log_data` JSON layout.
 //! - `fold`: the statement-level triggers that keep `daily_logs` exact.
+//! - `retention`: the roll-up merge of daily into monthly documents.
 //! - `errors`: user-facing errors with SQLSTATEs.
 //!
 //! Hand-written SQL lives in `sql/` and is pulled in below in dependency order.
@@ -11,6 +12,7 @@ use pgrx::prelude::*;
 mod errors;
 mod fold;
 pub mod logdata;
+mod retention;
 
 ::pgrx::pg_module_magic!(name, version);
 
@@ -22,6 +24,16 @@ extension_sql_file!(
 );
 extension_sql_file!("../sql/verify.sql", name = "verify", requires = ["schema"]);
 extension_sql_file!("../sql/quotas.sql", name = "quotas", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/retention.sql",
+    name = "retention",
+    requires = ["schema", "quotas", retention::rollup_merge]
+);
+extension_sql_file!(
+    "../sql/reads.sql",
+    name = "reads",
+    requires = ["schema", "quotas", "retention"]
+);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

@@ -320,6 +320,55 @@ pub fn merge_documents(
     Ok(Value::Object(out))
 }
 
+/// Whether a top-level `log_data` key belongs to usage_agg.
+fn is_owned_key(key: &str) -> bool {
+    matches!(
+        key,
+        API_CALL_COUNT | SHARED_SERVICE_USAGE | LAST_API_CALL_AT
+    )
+}
+
+/// Adds one day's document into its month's document (the roll-up of
+/// `daily_logs` into `monthly_logs`). Owned fields add up as in the fold. Top-level
+/// application keys (`conversation_count`, ...) are summed when both sides are
+/// numbers, copied when the month lacks them, and otherwise take the day's value,
+/// so days must be rolled in date order.
+pub fn rollup_documents(month: &Value, day: &Value) -> Result<Value, CorruptField> {
+    let Value::Object(day_map) = day else {
+        return Err(corrupt("log_data", day, "a JSON object"));
+    };
+    let Value::Object(mut out) = merge_documents(month, day, None)? else {
+        unreachable!("merge_documents returns an object");
+    };
+    for (key, value) in day_map {
+        if is_owned_key(key) {
+            continue;
+        }
+        let summed = match (out.get(key), value) {
+            (Some(Value::Number(a)), Value::Number(b)) => {
+                match (
+                    BigDecimal::from_str(&a.to_string()),
+                    BigDecimal::from_str(&b.to_string()),
+                ) {
+                    (Ok(x), Ok(y)) => {
+                        let integers = x.is_integer() && y.is_integer();
+                        let sum = x + y;
+                        Some(if integers {
+                            integer_json(&sum)
+                        } else {
+                            decimal_json(&sum)
+                        })
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        out.insert(key.clone(), summed.unwrap_or_else(|| value.clone()));
+    }
+    Ok(Value::Object(out))
+}
+
 fn max_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.max(y)),
@@ -728,6 +777,59 @@ mod tests {
         assert_eq!(err.field, "shared_service_usage.keys_used");
         let err = merge_documents(&json!({"last_api_call_at": "yesterday"}), &d, None).unwrap_err();
         assert_eq!(err.field, "last_api_call_at");
+    }
+
+    #[test]
+    fn rollup_adds_days_into_a_month_and_sums_application_counters() {
+        let day1 = json!({
+            "api_call_count": 2,
+            "shared_service_usage": {"total_calls": 2, "successful_calls": 1, "failed_calls": 1,
+                "tokens_used": 30, "estimated_cost": 0.10, "keys_used": ["k1"],
+                "by_model": {"m": {"calls": 2, "tokens": 30, "cost": 0.10}},
+                "by_key": {"k1": {"calls": 2, "tokens": 30, "cost": 0.10}}},
+            "last_api_call_at": "2026-01-01T10:00:00Z",
+            "conversation_count": 3, "theme": "dark"
+        });
+        let day2 = json!({
+            "api_call_count": 1,
+            "shared_service_usage": {"total_calls": 1, "successful_calls": 1, "failed_calls": 0,
+                "tokens_used": 5, "estimated_cost": 0.20, "keys_used": ["k2"],
+                "by_model": {"m": {"calls": 1, "tokens": 5, "cost": 0.20}},
+                "by_key": {"k2": {"calls": 1, "tokens": 5, "cost": 0.20}}},
+            "last_api_call_at": "2026-01-02T09:00:00Z",
+            "conversation_count": 4, "upload_count": 1, "theme": "light"
+        });
+        let month = rollup_documents(&json!({}), &day1).unwrap();
+        let month = rollup_documents(&month, &day2).unwrap();
+        assert_eq!(
+            month,
+            json!({
+                "api_call_count": 3,
+                "shared_service_usage": {"total_calls": 3, "successful_calls": 2, "failed_calls": 1,
+                    "tokens_used": 35, "estimated_cost": 0.30, "keys_used": ["k1", "k2"],
+                    "by_model": {"m": {"calls": 3, "tokens": 35, "cost": 0.30}},
+                    "by_key": {"k1": {"calls": 2, "tokens": 30, "cost": 0.10},
+                               "k2": {"calls": 1, "tokens": 5, "cost": 0.20}}},
+                "last_api_call_at": "2026-01-02T09:00:00Z",
+                "conversation_count": 7, "theme": "light", "upload_count": 1
+            })
+        );
+        // Written as text, costs keep their digits: 0.10 + 0.20 is 0.30, not 0.3.
+        let day: Value = serde_json::from_str(
+            r#"{"shared_service_usage": {"estimated_cost": 0.10, "total_calls": 1}}"#,
+        )
+        .unwrap();
+        let twice = rollup_documents(&day, &day).unwrap();
+        assert_eq!(
+            twice["shared_service_usage"]["estimated_cost"].to_string(),
+            "0.20"
+        );
+    }
+
+    #[test]
+    fn rollup_rejects_a_day_that_is_not_an_object() {
+        let err = rollup_documents(&json!({}), &json!([1])).unwrap_err();
+        assert_eq!(err.field, "log_data");
     }
 
     #[test]

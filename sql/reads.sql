@@ -1,0 +1,186 @@
+-- Reads: usage windows, the daily cost limit, and flat views for BI tools.
+-- Everything here reads the aggregates (daily_logs, monthly_logs), never the
+-- detail, so its cost grows with the number of days, not of calls.
+
+CREATE FUNCTION usage_agg._check_reader_args(p_user_id uuid, p_at timestamptz) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg._check_user(p_user_id);
+    IF p_at IS NULL OR NOT isfinite(p_at) THEN
+        RAISE EXCEPTION 'usage_agg: at must be a finite timestamp'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('at = %s', COALESCE(p_at::text, 'NULL')),
+                  HINT = 'Leave it out for now().';
+    END IF;
+END;
+$$;
+
+-- Usage of one user in the windows today, month and all_time, as of the business
+-- day that contains `at` (configured time zone). Months already rolled up into
+-- monthly_logs count whole.
+CREATE FUNCTION usage_agg.usage_summary(user_id uuid, at timestamptz DEFAULT now())
+RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz text := usage_agg._timezone();
+    v_day date;
+    v_month date;
+    v_today_known boolean;
+BEGIN
+    PERFORM usage_agg._check_reader_args($1, $2);
+    v_day := ($2 AT TIME ZONE v_tz)::date;
+    v_month := date_trunc('month', v_day::timestamp)::date;
+    -- A day already rolled up into its month cannot be told apart there.
+    v_today_known := v_day >= (SELECT h.daily_kept_from FROM usage_agg.retention_horizon h);
+    RETURN QUERY
+    WITH rows_of_user AS (
+        SELECT d.date AS first_day, true AS is_day, d.log_data
+          FROM usage_agg.daily_logs d
+         WHERE d.user_id = $1 AND d.date <= v_day
+        UNION ALL
+        SELECT m.month, false, m.log_data
+          FROM usage_agg.monthly_logs m
+         WHERE m.user_id = $1 AND m.month <= v_day
+    ), per_period AS (
+        SELECT w.period,
+               sum((r.log_data->>'api_call_count')::bigint) AS calls,
+               sum((r.log_data->'shared_service_usage'->>'successful_calls')::bigint) AS successful,
+               sum((r.log_data->'shared_service_usage'->>'failed_calls')::bigint) AS failed,
+               sum((r.log_data->'shared_service_usage'->>'tokens_used')::bigint) AS tokens,
+               sum((r.log_data->'shared_service_usage'->>'estimated_cost')::numeric) AS cost
+          FROM rows_of_user r
+         CROSS JOIN LATERAL (VALUES ('today', r.is_day AND r.first_day = v_day),
+                                    ('month', r.first_day >= v_month),
+                                    ('all_time', true)) AS w(period, hit)
+         WHERE w.hit
+         GROUP BY w.period
+    )
+    SELECT w.period,
+           CASE WHEN w.known THEN COALESCE(p.calls, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(p.successful, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(p.failed, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(p.tokens, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(p.cost, 0) END
+      FROM (VALUES (1, 'today', v_today_known), (2, 'month', true), (3, 'all_time', true)) AS w(ord, period, known)
+      LEFT JOIN per_period p ON p.period = w.period
+     ORDER BY w.ord;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.usage_summary(uuid, timestamptz) IS
+    'Calls, successful, failed, tokens and cost of a user for today, this month and all time, as of at (business time zone), from the aggregates only';
+
+-- Today's cost against the user's plan daily_cost_limit (users without a quota
+-- row are on plan free). Reads aggregates only; takes no locks.
+CREATE FUNCTION usage_agg.check_usage_limit(user_id uuid, at timestamptz DEFAULT now())
+RETURNS TABLE (membership_level text, today_cost numeric, daily_cost_limit numeric, remaining numeric, allowed boolean)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_day date;
+    v_level text;
+    v_limit numeric;
+    v_cost numeric;
+BEGIN
+    PERFORM usage_agg._check_reader_args($1, $2);
+    v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
+    v_level := COALESCE((SELECT q.membership_level FROM usage_agg.quotas q WHERE q.user_id = $1), 'free');
+    v_limit := (SELECT p.daily_cost_limit FROM usage_agg.quota_plans p WHERE p.membership_level = v_level);
+    v_cost := COALESCE((SELECT (d.log_data->'shared_service_usage'->>'estimated_cost')::numeric
+                          FROM usage_agg.daily_logs d
+                         WHERE d.user_id = $1 AND d.date = v_day), 0);
+    RETURN QUERY SELECT v_level, v_cost, v_limit,
+                        CASE WHEN v_limit IS NULL THEN NULL ELSE greatest(v_limit - v_cost, 0) END,
+                        v_limit IS NULL OR v_cost < v_limit;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.check_usage_limit(uuid, timestamptz) IS
+    'Today''s cost of a user against the daily_cost_limit of their plan (NULL: no limit): remaining and allowed';
+
+-- ---------------------------------------------------------------------------
+-- Flat views for BI tools: plain columns, one row per user and day/month, and
+-- per model and per key.
+-- ---------------------------------------------------------------------------
+CREATE VIEW usage_agg.daily_usage AS
+SELECT d.user_id,
+       d.date,
+       (d.log_data->>'api_call_count')::bigint AS calls,
+       (d.log_data->'shared_service_usage'->>'successful_calls')::bigint AS successful_calls,
+       (d.log_data->'shared_service_usage'->>'failed_calls')::bigint AS failed_calls,
+       (d.log_data->'shared_service_usage'->>'tokens_used')::bigint AS tokens_used,
+       (d.log_data->'shared_service_usage'->>'estimated_cost')::numeric AS estimated_cost,
+       CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'keys_used') = 'array'
+            THEN jsonb_array_length(d.log_data->'shared_service_usage'->'keys_used') ELSE 0 END AS keys_used,
+       (d.log_data->>'last_api_call_at')::timestamptz AS last_api_call_at
+  FROM usage_agg.daily_logs d;
+COMMENT ON VIEW usage_agg.daily_usage IS 'daily_logs as plain columns (one row per user and business day)';
+
+-- Months: the rolled-up monthly rows plus the days not rolled up yet.
+CREATE VIEW usage_agg.monthly_usage AS
+SELECT u.user_id, u.month,
+       sum(u.calls)::bigint AS calls,
+       sum(u.successful_calls)::bigint AS successful_calls,
+       sum(u.failed_calls)::bigint AS failed_calls,
+       sum(u.tokens_used)::bigint AS tokens_used,
+       sum(u.estimated_cost) AS estimated_cost,
+       max(u.last_api_call_at) AS last_api_call_at
+  FROM (SELECT m.user_id, m.month,
+               (m.log_data->>'api_call_count')::bigint AS calls,
+               (m.log_data->'shared_service_usage'->>'successful_calls')::bigint AS successful_calls,
+               (m.log_data->'shared_service_usage'->>'failed_calls')::bigint AS failed_calls,
+               (m.log_data->'shared_service_usage'->>'tokens_used')::bigint AS tokens_used,
+               (m.log_data->'shared_service_usage'->>'estimated_cost')::numeric AS estimated_cost,
+               (m.log_data->>'last_api_call_at')::timestamptz AS last_api_call_at
+          FROM usage_agg.monthly_logs m
+        UNION ALL
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date,
+               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost, d.last_api_call_at
+          FROM usage_agg.daily_usage d) u
+ GROUP BY u.user_id, u.month;
+COMMENT ON VIEW usage_agg.monthly_usage IS
+    'Usage per user and calendar month (business time zone): monthly_logs plus the daily_logs days not rolled up yet';
+
+-- The by_model / by_key cells of a document as rows.
+CREATE FUNCTION usage_agg._cells(log_data jsonb, kind text)
+RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+      FROM jsonb_each(CASE WHEN jsonb_typeof(log_data->'shared_service_usage'->kind) = 'object'
+                           THEN log_data->'shared_service_usage'->kind ELSE '{}'::jsonb END) c
+$$;
+
+CREATE VIEW usage_agg.daily_usage_by_model AS
+SELECT d.user_id, d.date, c.name AS model, c.calls, c.tokens, c.cost
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_model') c;
+COMMENT ON VIEW usage_agg.daily_usage_by_model IS 'One row per user, business day and model';
+
+CREATE VIEW usage_agg.daily_usage_by_key AS
+SELECT d.user_id, d.date, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_key') c;
+COMMENT ON VIEW usage_agg.daily_usage_by_key IS 'One row per user, business day and shared key';
+
+CREATE VIEW usage_agg.monthly_usage_by_model AS
+SELECT u.user_id, u.month, u.model, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost
+  FROM (SELECT m.user_id, m.month, c.name AS model, c.calls, c.tokens, c.cost
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._cells(m.log_data, 'by_model') c
+        UNION ALL
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.model, d.calls, d.tokens, d.cost
+          FROM usage_agg.daily_usage_by_model d) u
+ GROUP BY u.user_id, u.month, u.model;
+COMMENT ON VIEW usage_agg.monthly_usage_by_model IS 'One row per user, calendar month and model';
+
+CREATE VIEW usage_agg.monthly_usage_by_key AS
+SELECT u.user_id, u.month, u.shared_key_id, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost
+  FROM (SELECT m.user_id, m.month, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._cells(m.log_data, 'by_key') c
+        UNION ALL
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.shared_key_id, d.calls, d.tokens, d.cost
+          FROM usage_agg.daily_usage_by_key d) u
+ GROUP BY u.user_id, u.month, u.shared_key_id;
+COMMENT ON VIEW usage_agg.monthly_usage_by_key IS 'One row per user, calendar month and shared key';
