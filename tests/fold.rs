@@ -439,6 +439,9 @@ fn extension_tables_are_registered_for_pg_dump() {
                FROM pg_extension e, unnest(e.extconfig) AS x(oid) JOIN pg_class c ON c.oid = x.oid
               WHERE e.extname = 'usage_agg'"
         ),
-        Some("config,daily_logs,key_usage_logs,quota_plans,quota_usage_logs,quotas".to_string())
+        Some(
+            "config,daily_logs,key_usage_logs,maintenance_runs,monthly_logs,quota_plans,quota_usage_logs,quotas,retention_horizon"
+                .to_string()
+        )
     );
 }
