@@ -27,5 +27,34 @@ SELECT '22222222-2222-2222-2222-222222222222', 'gpt-4o-mini', 100, 0.1, '2026-11
 SELECT user_id, date, jsonb_pretty(log_data) AS log_data FROM usage_agg.daily_logs ORDER BY user_id, date;
 \echo '== verify_daily_logs: no rows means the aggregate equals GROUP BY over the detail =='
 SELECT * FROM usage_agg.verify_daily_logs('2026-11-01', '2026-11-30');
+
+\echo '== usage_summary: today, this month and all time, from the aggregates only =='
+SELECT * FROM usage_agg.usage_summary('11111111-1111-1111-1111-111111111111', '2026-11-21 12:00+00');
+\echo '== check_usage_limit: the free plan gets a daily cost limit of 0.02 =='
+UPDATE usage_agg.quota_plans SET daily_cost_limit = 0.02 WHERE membership_level = 'free';
+SELECT * FROM usage_agg.check_usage_limit('11111111-1111-1111-1111-111111111111', '2026-11-21 12:00+00');
+\echo '== quotas: consume 3 units of the free plan =='
+SELECT user_id, membership_level, monthly_used, remaining, allowed
+  FROM usage_agg.consume_quota('11111111-1111-1111-1111-111111111111', 3);
+
+\echo '== retention: 200 days of history, then one maintenance run =='
+INSERT INTO usage_agg.key_usage_logs (user_id, model_used, tokens_used, cost_estimate, created_at)
+SELECT '33333333-3333-3333-3333-333333333333', 'gpt-4o', 10, 0.01, now() - g * interval '1 day'
+  FROM generate_series(0, 199) g;
+SELECT * FROM usage_agg.usage_summary('33333333-3333-3333-3333-333333333333');
+SELECT step, rows, ok, error FROM usage_agg.run_maintenance();
+SELECT (SELECT count(*) FROM usage_agg.key_usage_logs WHERE user_id = '33333333-3333-3333-3333-333333333333') AS detail_rows_left,
+       (SELECT count(*) FROM usage_agg.daily_logs WHERE user_id = '33333333-3333-3333-3333-333333333333') AS daily_rows_left,
+       (SELECT count(*) FROM usage_agg.monthly_logs WHERE user_id = '33333333-3333-3333-3333-333333333333') AS months;
+\echo '== all-time totals survive the roll-up =='
+SELECT * FROM usage_agg.usage_summary('33333333-3333-3333-3333-333333333333');
+SELECT * FROM usage_agg.monthly_usage WHERE user_id = '33333333-3333-3333-3333-333333333333' ORDER BY month;
+SELECT step, last_success_at IS NOT NULL AS succeeded, last_success_rows, overdue FROM usage_agg.maintenance_health;
+
+\echo '== pg_cron: one named nightly job =='
+CREATE EXTENSION pg_cron;
+SELECT usage_agg.schedule_maintenance();
+SELECT jobname, schedule, command FROM cron.job;
+SELECT usage_agg.unschedule_maintenance();
 SQL
 ua_log "demo done; the cluster is stopped and can be deleted: ${UA_RUN_DIR}/demo"
