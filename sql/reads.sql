@@ -38,20 +38,31 @@ BEGIN
     v_today_known := v_day >= (SELECT h.daily_kept_from FROM usage_agg.retention_horizon h);
     RETURN QUERY
     WITH rows_of_user AS (
-        SELECT d.date AS first_day, true AS is_day, d.log_data
+        SELECT d.date AS first_day, true AS is_day,
+               (d.log_data->>'api_call_count')::bigint AS calls,
+               (d.log_data->'shared_service_usage'->>'successful_calls')::bigint AS successful,
+               (d.log_data->'shared_service_usage'->>'failed_calls')::bigint AS failed,
+               (d.log_data->'shared_service_usage'->>'tokens_used')::bigint AS tokens,
+               (d.log_data->'shared_service_usage'->>'estimated_cost')::numeric AS cost
           FROM usage_agg.daily_logs d
          WHERE d.user_id = $1 AND d.date <= v_day
         UNION ALL
-        SELECT m.month, false, m.log_data
+        SELECT m.month, false,
+               (m.log_data->>'api_call_count')::bigint,
+               (m.log_data->'shared_service_usage'->>'successful_calls')::bigint,
+               (m.log_data->'shared_service_usage'->>'failed_calls')::bigint,
+               (m.log_data->'shared_service_usage'->>'tokens_used')::bigint,
+               (m.log_data->'shared_service_usage'->>'estimated_cost')::numeric
           FROM usage_agg.monthly_logs m
          WHERE m.user_id = $1 AND m.month <= v_day
+        UNION ALL
+        -- Deferred mode: calls not folded into daily_logs yet.
+        SELECT p.day, true, p.calls, p.successful, p.calls - p.successful, p.tokens, p.cost
+          FROM usage_agg.pending_deltas p
+         WHERE p.user_id = $1 AND p.day <= v_day
     ), per_period AS (
-        SELECT w.period,
-               sum((r.log_data->>'api_call_count')::bigint) AS calls,
-               sum((r.log_data->'shared_service_usage'->>'successful_calls')::bigint) AS successful,
-               sum((r.log_data->'shared_service_usage'->>'failed_calls')::bigint) AS failed,
-               sum((r.log_data->'shared_service_usage'->>'tokens_used')::bigint) AS tokens,
-               sum((r.log_data->'shared_service_usage'->>'estimated_cost')::numeric) AS cost
+        SELECT w.period, sum(r.calls) AS calls, sum(r.successful) AS successful,
+               sum(r.failed) AS failed, sum(r.tokens) AS tokens, sum(r.cost) AS cost
           FROM rows_of_user r
          CROSS JOIN LATERAL (VALUES ('today', r.is_day AND r.first_day = v_day),
                                     ('month', r.first_day >= v_month),
@@ -92,7 +103,9 @@ BEGIN
     v_limit := (SELECT p.daily_cost_limit FROM usage_agg.quota_plans p WHERE p.membership_level = v_level);
     v_cost := COALESCE((SELECT (d.log_data->'shared_service_usage'->>'estimated_cost')::numeric
                           FROM usage_agg.daily_logs d
-                         WHERE d.user_id = $1 AND d.date = v_day), 0);
+                         WHERE d.user_id = $1 AND d.date = v_day), 0)
+            + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
+                         WHERE p.user_id = $1 AND p.day = v_day), 0);
     RETURN QUERY SELECT v_level, v_cost, v_limit,
                         CASE WHEN v_limit IS NULL THEN NULL ELSE greatest(v_limit - v_cost, 0) END,
                         v_limit IS NULL OR v_cost < v_limit;

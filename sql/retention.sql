@@ -143,6 +143,8 @@ DECLARE
 BEGIN
     SELECT * INTO v_cfg FROM usage_agg.config;
     v_keep := usage_agg._check_keep(keep, v_cfg.daily_retention, 'cleanup_old_daily_logs');
+    -- Deferred mode: days are rolled up with every call they have.
+    PERFORM usage_agg.apply_pending_deltas();
     v_target := ((now() - v_keep) AT TIME ZONE v_cfg.timezone)::date;
     SELECT * INTO v_horizon FROM usage_agg.retention_horizon FOR UPDATE;
     -- A day whose detail still exists must keep its daily row: verify_daily_logs
@@ -226,12 +228,13 @@ DECLARE
     v_state text;
     v_message text;
 BEGIN
-    FOREACH v_step IN ARRAY ARRAY['cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas'] LOOP
+    FOREACH v_step IN ARRAY ARRAY['apply_pending_deltas', 'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas'] LOOP
         v_started := clock_timestamp();
         -- Each step in a subtransaction: a failing step is rolled back and logged,
         -- and the next step runs. A cancel (or statement_timeout) stops them all.
         BEGIN
             CASE v_step
+                WHEN 'apply_pending_deltas' THEN v_rows := usage_agg.apply_pending_deltas();
                 WHEN 'cleanup_old_key_usage_logs' THEN v_rows := usage_agg.cleanup_old_key_usage_logs();
                 WHEN 'cleanup_old_daily_logs' THEN v_rows := usage_agg.cleanup_old_daily_logs();
                 WHEN 'reset_expired_quotas' THEN v_rows := usage_agg.reset_expired_quotas();
@@ -255,7 +258,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION usage_agg.run_maintenance() IS
-    'Runs cleanup_old_key_usage_logs, cleanup_old_daily_logs and reset_expired_quotas, each logged in usage_agg.maintenance_runs; a failing step does not stop the others';
+    'Runs apply_pending_deltas, cleanup_old_key_usage_logs, cleanup_old_daily_logs and reset_expired_quotas, each logged in usage_agg.maintenance_runs; a failing step does not stop the others';
 
 -- Per step: the last run, the last success, and whether a success is overdue
 -- (none within 25 hours: the nightly schedule plus an hour).
@@ -268,7 +271,8 @@ SELECT s.step,
        last_ok.rows AS last_success_rows,
        interval '25 hours' AS overdue_after,
        (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') AS overdue
-  FROM (VALUES (1, 'cleanup_old_key_usage_logs'), (2, 'cleanup_old_daily_logs'), (3, 'reset_expired_quotas'))
+  FROM (VALUES (0, 'apply_pending_deltas'), (1, 'cleanup_old_key_usage_logs'), (2, 'cleanup_old_daily_logs'),
+               (3, 'reset_expired_quotas'))
        AS s(ord, step)
   LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r
                       WHERE r.step = s.step ORDER BY r.started DESC LIMIT 1) last_run ON true

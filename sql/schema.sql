@@ -10,6 +10,8 @@ CREATE TABLE usage_agg.config (
     detail_retention   interval NOT NULL DEFAULT '30 days',
     daily_retention    interval NOT NULL DEFAULT '90 days',
     cleanup_batch_size integer  NOT NULL DEFAULT 10000,
+    fold_mode          text     NOT NULL DEFAULT 'immediate',
+    CONSTRAINT config_fold_mode_known CHECK (fold_mode IN ('immediate', 'deferred')),
     CONSTRAINT config_detail_retention_positive CHECK (detail_retention > interval '0'),
     CONSTRAINT config_daily_retention_covers_detail CHECK (daily_retention >= detail_retention),
     CONSTRAINT config_cleanup_batch_size_range CHECK (cleanup_batch_size BETWEEN 1 AND 1000000)
@@ -21,6 +23,8 @@ COMMENT ON TABLE usage_agg.config IS
     'usage_agg settings: exactly one row. Change with UPDATE usage_agg.config SET ...';
 COMMENT ON COLUMN usage_agg.config.timezone IS
     'Business time zone (IANA name) that decides which day a call belongs to';
+COMMENT ON COLUMN usage_agg.config.fold_mode IS
+    'immediate: every statement updates daily_logs; deferred: small inserts append to pending_deltas, folded by apply_pending_deltas()';
 
 CREATE FUNCTION usage_agg._config_validate() RETURNS trigger
 LANGUAGE plpgsql
@@ -40,7 +44,8 @@ BEGIN
            SET timezone = NEW.timezone,
                detail_retention = NEW.detail_retention,
                daily_retention = NEW.daily_retention,
-               cleanup_batch_size = NEW.cleanup_batch_size;
+               cleanup_batch_size = NEW.cleanup_batch_size,
+               fold_mode = NEW.fold_mode;
         RETURN NULL;
     END IF;
     RETURN NEW;
@@ -117,6 +122,25 @@ COMMENT ON TABLE usage_agg.daily_logs IS
     'Keys of log_data other than api_call_count, shared_service_usage and last_api_call_at belong to the application.';
 
 -- ---------------------------------------------------------------------------
+-- Deferred mode: calls appended by the fold, not yet in daily_logs. Readers add
+-- them in; apply_pending_deltas() folds them (run_maintenance does, too).
+-- ---------------------------------------------------------------------------
+CREATE TABLE usage_agg.pending_deltas (
+    user_id       uuid        NOT NULL,
+    day           date        NOT NULL,
+    model_used    text,
+    shared_key_id uuid,
+    calls         integer     NOT NULL,
+    successful    integer     NOT NULL,
+    tokens        bigint      NOT NULL,
+    cost          numeric     NOT NULL,
+    last_at       timestamptz NOT NULL
+);
+CREATE INDEX pending_deltas_user_id_day ON usage_agg.pending_deltas (user_id, day);
+COMMENT ON TABLE usage_agg.pending_deltas IS
+    'Deferred mode: usage folded into daily_logs by usage_agg.apply_pending_deltas(); readers include it.';
+
+-- ---------------------------------------------------------------------------
 -- Monthly aggregate: daily rows older than daily_retention, rolled up per user
 -- and calendar month (business time zone), same log_data layout.
 -- ---------------------------------------------------------------------------
@@ -189,9 +213,9 @@ RETURN CASE
 END;
 
 -- First instant of a business day in the configured time zone.
+-- A SQL-standard body is bound at creation; without SET it can be inlined.
 CREATE FUNCTION usage_agg._day_start(day date, tz text) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 RETURN (day::timestamp AT TIME ZONE tz);
 
 -- pg_dump keeps the data of these tables (they are extension members).
@@ -199,4 +223,5 @@ SELECT pg_catalog.pg_extension_config_dump('usage_agg.config', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.key_usage_logs', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.daily_logs', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.monthly_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.pending_deltas', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.retention_horizon', '');

@@ -1,52 +1,59 @@
 -- Verification and rebuild of daily_logs from the detail.
 
--- What daily_logs must hold (the owned fields) for every (user, day) with detail
--- in [p_from, p_to], computed by GROUP BY over key_usage_logs.
-CREATE FUNCTION usage_agg._detail_aggregates(p_from date, p_to date)
-RETURNS TABLE (user_id uuid, date date, log_data jsonb)
+-- The owned fields of every (user, day) in [p_from, p_to], built by GROUP BY from
+-- two sources: 'detail' (key_usage_logs, what daily_logs must hold) and
+-- 'pending' (pending_deltas of deferred mode, not yet folded into daily_logs).
+CREATE FUNCTION usage_agg._aggregates(p_from date, p_to date)
+RETURNS TABLE (source text, user_id uuid, date date, log_data jsonb)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH tz AS (
         SELECT usage_agg._timezone() AS name
     ), calls AS (
-        SELECT k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS day,
-               k.model_used, k.shared_key_id, k.success, k.tokens_used, k.cost_estimate, k.created_at
+        SELECT 'detail' AS source, k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS day,
+               k.model_used, k.shared_key_id, 1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok,
+               k.tokens_used::bigint AS tokens, k.cost_estimate AS cost, k.created_at AS at
           FROM usage_agg.key_usage_logs k, tz
          WHERE k.created_at >= usage_agg._day_start(p_from, tz.name)
            AND k.created_at <  usage_agg._day_start(p_to + 1, tz.name)
+        UNION ALL
+        SELECT 'pending', p.user_id, p.day, p.model_used, p.shared_key_id, p.calls, p.successful,
+               p.tokens, p.cost, p.last_at
+          FROM usage_agg.pending_deltas p
+         WHERE p.day BETWEEN p_from AND p_to
     ), per_day AS (
-        SELECT c.user_id, c.day,
-               count(*) AS calls,
-               count(*) FILTER (WHERE c.success) AS successful,
-               count(*) FILTER (WHERE NOT c.success) AS failed,
-               COALESCE(sum(c.tokens_used), 0) AS tokens,
-               COALESCE(sum(c.cost_estimate), 0) AS cost,
-               max(c.created_at) AS last_at
-          FROM calls c GROUP BY c.user_id, c.day
+        SELECT c.source, c.user_id, c.day,
+               sum(c.n) AS calls,
+               sum(c.ok) AS successful,
+               sum(c.n - c.ok) AS failed,
+               COALESCE(sum(c.tokens), 0) AS tokens,
+               COALESCE(sum(c.cost), 0) AS cost,
+               max(c.at) AS last_at
+          FROM calls c GROUP BY c.source, c.user_id, c.day
     ), per_model AS (
-        SELECT m.user_id, m.day,
+        SELECT m.source, m.user_id, m.day,
                jsonb_object_agg(m.model_used, jsonb_build_object(
                    'calls', m.calls, 'tokens', m.tokens, 'cost', m.cost)) AS by_model
-          FROM (SELECT c.user_id, c.day, c.model_used, count(*) AS calls,
-                       COALESCE(sum(c.tokens_used), 0) AS tokens,
-                       COALESCE(sum(c.cost_estimate), 0) AS cost
+          FROM (SELECT c.source, c.user_id, c.day, c.model_used, sum(c.n) AS calls,
+                       COALESCE(sum(c.tokens), 0) AS tokens,
+                       COALESCE(sum(c.cost), 0) AS cost
                   FROM calls c WHERE c.model_used IS NOT NULL
-                 GROUP BY c.user_id, c.day, c.model_used) m
-         GROUP BY m.user_id, m.day
+                 GROUP BY c.source, c.user_id, c.day, c.model_used) m
+         GROUP BY m.source, m.user_id, m.day
     ), per_key AS (
-        SELECT k.user_id, k.day,
+        SELECT k.source, k.user_id, k.day,
                jsonb_agg(k.key ORDER BY k.key) AS keys_used,
                jsonb_object_agg(k.key, jsonb_build_object(
                    'calls', k.calls, 'tokens', k.tokens, 'cost', k.cost)) AS by_key
-          FROM (SELECT c.user_id, c.day, c.shared_key_id::text AS key, count(*) AS calls,
-                       COALESCE(sum(c.tokens_used), 0) AS tokens,
-                       COALESCE(sum(c.cost_estimate), 0) AS cost
+          FROM (SELECT c.source, c.user_id, c.day, c.shared_key_id::text AS key, sum(c.n) AS calls,
+                       COALESCE(sum(c.tokens), 0) AS tokens,
+                       COALESCE(sum(c.cost), 0) AS cost
                   FROM calls c WHERE c.shared_key_id IS NOT NULL
-                 GROUP BY c.user_id, c.day, c.shared_key_id) k
-         GROUP BY k.user_id, k.day
+                 GROUP BY c.source, c.user_id, c.day, c.shared_key_id) k
+         GROUP BY k.source, k.user_id, k.day
     )
-    SELECT d.user_id, d.day,
+    SELECT d.source, d.user_id, d.day,
            jsonb_build_object(
                'api_call_count', d.calls,
                'shared_service_usage', jsonb_build_object(
@@ -60,8 +67,8 @@ AS $$
                    'by_key', COALESCE(k.by_key, '{}'::jsonb)),
                'last_api_call_at', usage_agg._iso_utc(d.last_at))
       FROM per_day d
-      LEFT JOIN per_model m ON m.user_id = d.user_id AND m.day = d.day
-      LEFT JOIN per_key k ON k.user_id = d.user_id AND k.day = d.day
+      LEFT JOIN per_model m ON m.source = d.source AND m.user_id = d.user_id AND m.day = d.day
+      LEFT JOIN per_key k ON k.source = d.source AND k.user_id = d.user_id AND k.day = d.day
 $$;
 
 -- The owned fields of a day without calls.
@@ -139,11 +146,20 @@ BEGIN
         RETURN;
     END IF;
     RETURN QUERY
-    WITH expected AS (
-        SELECT e.user_id, e.date, e.log_data FROM usage_agg._detail_aggregates(v_from, p_to) e
+    WITH agg AS MATERIALIZED (
+        SELECT a.source, a.user_id, a.date, a.log_data FROM usage_agg._aggregates(v_from, p_to) a
+    ), expected AS (
+        SELECT e.user_id, e.date, e.log_data FROM agg e WHERE e.source = 'detail'
+    ), pending AS (
+        SELECT e.user_id, e.date, e.log_data FROM agg e WHERE e.source = 'pending'
     ), stored AS (
-        SELECT d.user_id, d.date, d.log_data FROM usage_agg.daily_logs d
-         WHERE d.date BETWEEN v_from AND p_to
+        -- What readers see: daily_logs plus the calls still pending (deferred mode).
+        SELECT COALESCE(d.user_id, p.user_id) AS user_id, COALESCE(d.date, p.date) AS date,
+               CASE WHEN p.log_data IS NULL THEN d.log_data
+                    ELSE usage_agg._rollup_merge(COALESCE(d.log_data, '{}'::jsonb), p.log_data) END AS log_data
+          FROM (SELECT dl.user_id, dl.date, dl.log_data FROM usage_agg.daily_logs dl
+                 WHERE dl.date BETWEEN v_from AND p_to) d
+          FULL JOIN pending p ON p.user_id = d.user_id AND p.date = d.date
     ), pairs AS (
         SELECT COALESCE(s.user_id, e.user_id) AS user_id,
                COALESCE(s.date, e.date) AS date,
@@ -171,7 +187,7 @@ END;
 $$;
 
 COMMENT ON FUNCTION usage_agg.verify_daily_logs(date, date) IS
-    'Lists every (user, date, field) where daily_logs and a GROUP BY over key_usage_logs disagree; empty means consistent. Days whose detail has expired are skipped.';
+    'Lists every (user, date, field) where daily_logs (plus pending deltas) and a GROUP BY over key_usage_logs disagree; empty means consistent. Days whose detail has expired are skipped.';
 
 -- Recomputes the owned fields of daily_logs in [p_from, p_to] from the detail,
 -- day by day, keeping application keys. Returns the number of rows written.
@@ -204,8 +220,12 @@ BEGIN
     v_days_total := p_to - p_from + 1;
     v_day := p_from;
     WHILE v_day <= p_to LOOP
+        -- Calls still pending for this day are in the detail too: drop them (waiting
+        -- for an apply_pending_deltas() that is applying some of them right now).
+        DELETE FROM usage_agg.pending_deltas p WHERE p.day = v_day;
         WITH expected AS (
-            SELECT e.user_id, e.date, e.log_data FROM usage_agg._detail_aggregates(v_day, v_day) e
+            SELECT e.user_id, e.date, e.log_data FROM usage_agg._aggregates(v_day, v_day) e
+             WHERE e.source = 'detail'
         ), upserted AS (
             INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
             SELECT e.user_id, e.date, e.log_data, now() FROM expected e

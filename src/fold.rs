@@ -6,6 +6,12 @@
 //! (user, day) in Rust (`logdata`), and written with one statement per kind of
 //! change: an upsert for additions, a locked correction for removals. Plans are
 //! prepared once per backend and kept.
+//!
+//! In deferred mode (`config.fold_mode = 'deferred'`) a small INSERT statement only
+//! appends its rows to `usage_agg.pending_deltas`, which takes no lock on
+//! `daily_logs` (one user's calls from many sessions then never queue behind each
+//! other); `apply_pending_deltas()` folds them later with the same upsert, and the
+//! readers add pending rows in, so their numbers stay exact.
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
@@ -90,12 +96,74 @@ const APPLY_CORRECTIONS: &str = "
            (SELECT usage_agg._timezone() AS name) tz
      WHERE d.user_id = u.user_id AND d.date = DATE '2000-01-01' + u.day";
 
+/// Deferred mode: appends a small statement's rows to pending_deltas as they are.
+const APPEND_PENDING: &str = "
+    INSERT INTO usage_agg.pending_deltas
+           (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at)
+    SELECT t.user_id, (t.created_at AT TIME ZONE tz.name)::date, t.model_used, t.shared_key_id,
+           1, CASE WHEN t.success THEN 1 ELSE 0 END,
+           COALESCE(t.tokens_used, 0), COALESCE(t.cost_estimate, 0), t.created_at
+      FROM usage_agg_new_rows t, (SELECT usage_agg._timezone() AS name) tz";
+
+/// Read through to_jsonb so that the library also works against a catalog of an
+/// older version (no fold_mode column) between installing it and ALTER EXTENSION
+/// ... UPDATE.
+const READ_FOLD_MODE: &str =
+    "SELECT (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'fold_mode') = 'deferred' FROM usage_agg.config c";
+
+/// Same reason: pending_deltas exists from 0.2.0 on.
+const HAS_PENDING_TABLE: &str =
+    "SELECT pg_catalog.to_regclass('usage_agg.pending_deltas') IS NOT NULL";
+
+/// Statements with more rows than this fold at once even in deferred mode: a bulk
+/// load is grouped per (user, day) into far fewer rows than it would append.
+const DEFERRED_MAX_ROWS: i64 = 64;
+
+/// The columns every group query returns, in [`GroupRow`] order (see
+/// `collect_groups`).
+const GROUP_COLUMNS: &str = "
+    p.user_id, (p.day - DATE '2000-01-01')::int4, p.model_used, p.shared_key_id::text,
+    sum(p.calls)::int8, sum(p.successful)::int8, sum(p.tokens)::int8, sum(p.cost)::text,
+    (extract(epoch FROM max(p.last_at)) * 1000000)::int8";
+
+/// Before a correction: takes the pending rows of the corrected (user, day)s, so
+/// that they are folded together with it (a removal must never be applied before
+/// the addition it removes). Waits for a concurrent apply_pending_deltas().
+fn absorb_pending_sql() -> String {
+    format!(
+        "WITH taken AS (
+             DELETE FROM usage_agg.pending_deltas d
+              USING ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[])) AS k(user_id, day)
+              WHERE d.user_id = k.user_id AND d.day = DATE '2000-01-01' + k.day
+          RETURNING d.*)
+         SELECT {GROUP_COLUMNS} FROM taken p GROUP BY 1, 2, 3, 4"
+    )
+}
+
+/// apply_pending_deltas(): takes up to $1 pending rows no other session is
+/// applying, grouped like a statement's rows.
+fn take_pending_sql() -> String {
+    format!(
+        "WITH taken AS (
+             DELETE FROM usage_agg.pending_deltas d
+              WHERE d.ctid = ANY (ARRAY(SELECT q.ctid FROM usage_agg.pending_deltas q
+                                         LIMIT $1 FOR UPDATE SKIP LOCKED))
+          RETURNING d.*)
+         SELECT {GROUP_COLUMNS} FROM taken p GROUP BY 1, 2, 3, 4"
+    )
+}
+
 thread_local! {
     static GROUP_NEW: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static GROUP_OLD: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static UPSERT: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static LOCK: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static CORRECT: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static APPEND: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static FOLD_MODE: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static ABSORB: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static TAKE: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static HAS_PENDING: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
 }
 
 fn with_plan<R>(
@@ -124,6 +192,50 @@ fn with_plan<R>(
 
 type Key = (Uuid, i32);
 
+/// Turns the rows of a group query (columns as in `GROUP_COLUMNS`) into
+/// (key, row, removed) triples.
+fn collect_groups(
+    rows: pgrx::spi::SpiTupleTable<'_>,
+    removed: bool,
+    out: &mut Vec<(Key, GroupRow, bool)>,
+) {
+    for row in rows {
+        let get_i64 = |i: usize| -> i64 {
+            row.get::<i64>(i)
+                .unwrap_or_else(|e| errors::internal("reading a group", e))
+                .unwrap_or(0)
+        };
+        let user: Uuid = row
+            .get::<Uuid>(1)
+            .unwrap_or_else(|e| errors::internal("reading a group", e))
+            .unwrap_or_else(|| errors::internal("reading a group", "user_id is NULL"));
+        let day: i32 = row
+            .get::<i32>(2)
+            .unwrap_or_else(|e| errors::internal("reading a group", e))
+            .unwrap_or_else(|| errors::internal("reading a group", "day is NULL"));
+        let cost_text: String = row
+            .get::<String>(8)
+            .unwrap_or_else(|e| errors::internal("reading a group", e))
+            .unwrap_or_else(|| "0".to_string());
+        let cost = BigDecimal::from_str(&cost_text)
+            .unwrap_or_else(|e| errors::internal("reading a cost", e));
+        let group = GroupRow {
+            model: row
+                .get::<String>(3)
+                .unwrap_or_else(|e| errors::internal("reading a group", e)),
+            key: row
+                .get::<String>(4)
+                .unwrap_or_else(|e| errors::internal("reading a group", e)),
+            calls: get_i64(5),
+            successful: get_i64(6),
+            tokens: get_i64(7),
+            cost,
+            last_at_micros: get_i64(9),
+        };
+        out.push(((user, day), group, removed));
+    }
+}
+
 /// Reads one grouped transition table into (key, row, removed) triples.
 fn read_groups(
     client: &SpiClient<'_>,
@@ -142,43 +254,42 @@ fn read_groups(
             let rows = client
                 .select(plan, None, &[])
                 .unwrap_or_else(|e| errors::internal("reading the statement's rows", e));
-            for row in rows {
-                let get_i64 = |i: usize| -> i64 {
-                    row.get::<i64>(i)
-                        .unwrap_or_else(|e| errors::internal("reading a group", e))
-                        .unwrap_or(0)
-                };
-                let user: Uuid = row
-                    .get::<Uuid>(1)
-                    .unwrap_or_else(|e| errors::internal("reading a group", e))
-                    .unwrap_or_else(|| errors::internal("reading a group", "user_id is NULL"));
-                let day: i32 = row
-                    .get::<i32>(2)
-                    .unwrap_or_else(|e| errors::internal("reading a group", e))
-                    .unwrap_or_else(|| errors::internal("reading a group", "day is NULL"));
-                let cost_text: String = row
-                    .get::<String>(8)
-                    .unwrap_or_else(|e| errors::internal("reading a group", e))
-                    .unwrap_or_else(|| "0".to_string());
-                let cost = BigDecimal::from_str(&cost_text)
-                    .unwrap_or_else(|e| errors::internal("reading a cost", e));
-                let group = GroupRow {
-                    model: row
-                        .get::<String>(3)
-                        .unwrap_or_else(|e| errors::internal("reading a group", e)),
-                    key: row
-                        .get::<String>(4)
-                        .unwrap_or_else(|e| errors::internal("reading a group", e)),
-                    calls: get_i64(5),
-                    successful: get_i64(6),
-                    tokens: get_i64(7),
-                    cost,
-                    last_at_micros: get_i64(9),
-                };
-                out.push(((user, day), group, removed));
-            }
+            collect_groups(rows, removed, out);
         },
     );
+}
+
+/// Whether this statement only appends to pending_deltas (deferred mode, a small
+/// INSERT).
+fn appends_to_pending(client: &SpiClient<'_>, trigger: &PgTrigger<'_>, has_old: bool) -> bool {
+    if has_old {
+        return false;
+    }
+    let new_table = trigger.trigger_data().tg_newtable;
+    if new_table.is_null() {
+        return false;
+    }
+    // SAFETY: tg_newtable is the live transition tuplestore of this trigger call.
+    let rows = unsafe { pg_sys::tuplestore_tuple_count(new_table) };
+    if rows > DEFERRED_MAX_ROWS {
+        return false;
+    }
+    with_plan(
+        &FOLD_MODE,
+        client,
+        &|| READ_FOLD_MODE.to_string(),
+        &[],
+        false,
+        |plan| {
+            client
+                .select(plan, None, &[])
+                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
+                .first()
+                .get::<bool>(1)
+                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
+                .unwrap_or(false)
+        },
+    )
 }
 
 /// The trigger function. Created by hand in `sql/fold.sql` (it pins its
@@ -208,6 +319,22 @@ fn fold_key_usage_logs<'a>(
             errors::internal("registering transition tables", rc);
         }
 
+        if appends_to_pending(client, trigger, has_old) {
+            with_plan(
+                &APPEND,
+                client,
+                &|| APPEND_PENDING.to_string(),
+                &[],
+                true,
+                |plan| {
+                    client
+                        .select(plan, None, &[])
+                        .unwrap_or_else(|e| errors::internal("appending to pending_deltas", e));
+                },
+            );
+            return;
+        }
+
         let mut rows = Vec::new();
         if has_old {
             read_groups(client, &GROUP_OLD, OLD_ROWS, true, &mut rows);
@@ -218,10 +345,101 @@ fn fold_key_usage_logs<'a>(
         if rows.is_empty() {
             return;
         }
+        if has_old {
+            absorb_pending(client, &mut rows);
+        }
         let groups: BTreeMap<Key, DayDelta> = logdata::group_rows(rows);
         write_groups(client, groups);
     });
     Ok(None)
+}
+
+/// Adds the pending rows of every (user, day) this statement removes rows from.
+fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<(Key, GroupRow, bool)>) {
+    let mut keys: Vec<Key> = rows
+        .iter()
+        .filter(|(_, _, removed)| *removed)
+        .map(|(k, _, _)| *k)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    if keys.is_empty() {
+        return;
+    }
+    let has_table = with_plan(
+        &HAS_PENDING,
+        client,
+        &|| HAS_PENDING_TABLE.to_string(),
+        &[],
+        false,
+        |plan| {
+            client
+                .select(plan, None, &[])
+                .unwrap_or_else(|e| errors::internal("looking up pending_deltas", e))
+                .first()
+                .get::<bool>(1)
+                .unwrap_or_else(|e| errors::internal("looking up pending_deltas", e))
+                .unwrap_or(false)
+        },
+    );
+    if !has_table {
+        return;
+    }
+    let users: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
+    let days: Vec<i32> = keys.iter().map(|k| k.1).collect();
+    with_plan(
+        &ABSORB,
+        client,
+        &absorb_pending_sql,
+        &[
+            PgOid::from(pg_sys::UUIDARRAYOID),
+            PgOid::from(pg_sys::INT4ARRAYOID),
+        ],
+        true,
+        |plan| {
+            let taken = client
+                .select(plan, None, &[users.into(), days.into()])
+                .unwrap_or_else(|e| errors::internal("taking pending rows", e));
+            collect_groups(taken, false, rows);
+        },
+    );
+}
+
+/// Folds up to `max_rows` rows of `usage_agg.pending_deltas` into `daily_logs`
+/// (deferred mode) and returns how many it applied. Sessions running it at once
+/// take different rows; each row is applied exactly once, in the transaction that
+/// deletes it.
+#[pg_extern(volatile, parallel_unsafe)]
+#[search_path(pg_catalog, pg_temp)]
+fn apply_pending_deltas(max_rows: default!(i32, 1000000)) -> i64 {
+    if max_rows <= 0 {
+        errors::invalid_argument(
+            "usage_agg: apply_pending_deltas needs a positive max_rows".to_string(),
+            format!("max_rows = {max_rows}"),
+            "Leave it out to apply up to 1,000,000 rows.".to_string(),
+        );
+    }
+    Spi::connect_mut(|client| {
+        let mut rows = Vec::new();
+        with_plan(
+            &TAKE,
+            client,
+            &take_pending_sql,
+            &[PgOid::from(pg_sys::INT4OID)],
+            true,
+            |plan| {
+                let taken = client
+                    .select(plan, None, &[max_rows.into()])
+                    .unwrap_or_else(|e| errors::internal("taking pending rows", e));
+                collect_groups(taken, false, &mut rows);
+            },
+        );
+        let applied: i64 = rows.iter().map(|(_, g, _)| g.calls).sum();
+        if !rows.is_empty() {
+            write_groups(client, logdata::group_rows(rows));
+        }
+        applied
+    })
 }
 
 fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {

@@ -440,7 +440,7 @@ fn extension_tables_are_registered_for_pg_dump() {
               WHERE e.extname = 'usage_agg'"
         ),
         Some(
-            "config,daily_logs,key_usage_logs,maintenance_runs,monthly_logs,quota_plans,quota_usage_logs,quotas,retention_horizon"
+            "config,daily_logs,key_usage_logs,maintenance_runs,monthly_logs,pending_deltas,quota_plans,quota_usage_logs,quotas,retention_horizon"
                 .to_string()
         )
     );

@@ -435,6 +435,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     assert_eq!(
         runs,
         vec![
+            "apply_pending_deltas true 0 ".to_string(),
             "cleanup_old_key_usage_logs true 119 ".to_string(),
             "cleanup_old_daily_logs false NULL XX001: usage_agg: cannot roll a daily_logs row up into monthly_logs: corrupted field \"api_call_count\"".to_string(),
             "reset_expired_quotas true 1 ".to_string(),
@@ -451,7 +452,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     );
     assert_eq!(
         scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.maintenance_runs"),
-        3
+        4
     );
     let health = |c: &mut Client| -> Vec<String> {
         c.query(
@@ -468,6 +469,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     assert_eq!(
         health(&mut c),
         vec![
+            "apply_pending_deltas true 0 false false",
             "cleanup_old_key_usage_logs true 119 false false",
             "cleanup_old_daily_logs false NULL true true",
             "reset_expired_quotas true 1 false false",
@@ -484,6 +486,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     assert_eq!(
         health(&mut c),
         vec![
+            "apply_pending_deltas true 0 false false",
             "cleanup_old_key_usage_logs true 0 false false",
             "cleanup_old_daily_logs true 59 false false",
             "reset_expired_quotas true 0 false false",
@@ -545,7 +548,7 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        3
+        4
     );
     // ... and when pg_cron runs it: every minute, so within about a minute.
     assert_eq!(
@@ -577,14 +580,14 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        6
+        8
     );
     assert_eq!(
         scalar_i64(
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_health WHERE NOT overdue AND last_run_ok"
         ),
-        3
+        4
     );
 
     assert!(c
