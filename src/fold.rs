@@ -230,7 +230,7 @@ fn collect_groups(
             successful: get_i64(6),
             tokens: get_i64(7),
             cost,
-            last_at_micros: get_i64(9),
+            last_at_micros: Some(get_i64(9)),
         };
         out.push(((user, day), group, removed));
     }
@@ -400,7 +400,14 @@ fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<(Key, GroupRow, bool)>)
             let taken = client
                 .select(plan, None, &[users.into(), days.into()])
                 .unwrap_or_else(|e| errors::internal("taking pending rows", e));
-            collect_groups(taken, false, rows);
+            let mut absorbed = Vec::new();
+            collect_groups(taken, false, &mut absorbed);
+            // These calls may be among the removed ones: last_api_call_at is
+            // recomputed from the detail by the correction, not taken from them.
+            rows.extend(absorbed.into_iter().map(|(k, mut g, r)| {
+                g.last_at_micros = None;
+                (k, g, r)
+            }));
         },
     );
 }

@@ -92,8 +92,10 @@ pub struct GroupRow {
     pub successful: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
-    /// Newest `created_at` among these calls, microseconds since the Unix epoch.
-    pub last_at_micros: i64,
+    /// Newest `created_at` among these calls, microseconds since the Unix epoch;
+    /// `None` when the caller recomputes `last_api_call_at` from the detail anyway
+    /// (pending calls taken into a correction).
+    pub last_at_micros: Option<i64>,
 }
 
 /// The net change one statement makes to one (user, day).
@@ -144,7 +146,7 @@ impl DayDelta {
         } else {
             &mut self.added_last_at
         };
-        *slot = Some(slot.map_or(row.last_at_micros, |t| t.max(row.last_at_micros)));
+        *slot = max_opt(*slot, row.last_at_micros);
     }
 
     /// True when rows were removed: the stored document must then be corrected,
@@ -591,7 +593,7 @@ mod tests {
             successful: ok,
             tokens,
             cost: dec(cost),
-            last_at_micros: at,
+            last_at_micros: Some(at),
         }
     }
 
