@@ -1,29 +1,44 @@
 #!/usr/bin/env bash
-# Benchmark: bare table vs usage_agg vs a hand-written PL/pgSQL trigger, side by
-# side in one run, on a cluster of its own. Each round runs every contender in
-# turn, so machine noise hits all of them alike; the table reports medians.
+# The usage_agg benchmark suite. Starts a cluster of its own, loads the
+# contenders side by side, runs every workload in rounds (each round runs every
+# contender in turn, so machine noise hits all of them alike) and prints a table
+# of medians and ratios, written to $BENCH_OUT.
 #
-#   bash bench/run.sh                     # defaults below
-#   BENCH_CLIENTS="1 4 16" BENCH_SECONDS=20 BENCH_ROUNDS=3 bash bench/run.sh
+# Contenders (one database each, same table and indexes):
+#   bare      key_usage_logs with no aggregation (the physical limit)
+#   usage_agg usage_agg, config.fold_mode = 'immediate' (the default)
+#   deferred  usage_agg, config.fold_mode = 'deferred'
+#   plpgsql   a hand-written row-level PL/pgSQL trigger, same JSONB layout (plpgsql_trigger.sql)
+#
+#   bash bench/run.sh                                   # everything, defaults below
+#   BENCH_WORKLOADS="single hot" BENCH_SECONDS=10 bash bench/run.sh
 source "$(dirname "$0")/../scripts/lib.sh"
 ua_setup
 ua_install_extension
 
 BENCH="$UA_ROOT/bench"
 PORT="${USAGE_AGG_BENCH_PORT:-28817}"
-CLIENTS="${BENCH_CLIENTS:-4}"
-SECONDS_PER_RUN="${BENCH_SECONDS:-15}"
+CLIENTS="${BENCH_CLIENTS:-1 4 16}"
+SECONDS_PER_RUN="${BENCH_SECONDS:-10}"
 ROUNDS="${BENCH_ROUNDS:-3}"
-CONTENDERS=(bare usage_agg plpgsql)
-WORKLOADS="${BENCH_WORKLOADS:-fold quota cleanup}"   # which parts to run
-CLEANUP_SECONDS="${BENCH_CLEANUP_SECONDS:-90}"   # insert load around the 1M-row cleanup
+BULK_ROUNDS="${BENCH_BULK_ROUNDS:-1}"
+WORKLOADS="${BENCH_WORKLOADS:-single hot bulk quota reads cleanup}"
+READ_ROWS_M="${BENCH_READ_ROWS_M:-10}"          # millions of detail rows for the read workload
+CLEANUP_SECONDS="${BENCH_CLEANUP_SECONDS:-90}"  # insert load around the 1M-row cleanup
 OUT="${BENCH_OUT:-$BENCH/results/latest.md}"
-RAW="$(mktemp)"
+CONTENDERS=(bare usage_agg deferred plpgsql)
+TMP="$(mktemp -d)"
+chmod 755 "$TMP"
+RAW="$TMP/raw"
+touch "$RAW"
 mkdir -p "$(dirname "$OUT")"
+STARTED_AT=$(date +%s)
+
+has() { [[ " $WORKLOADS " == *" $1 "* ]]; }
 
 ua_log "benchmark cluster on port ${PORT}"
 ua_cluster_start bench "$PORT" "shared_buffers = '1GB'" "max_wal_size = '4GB'" "checkpoint_timeout = '30min'"
-trap 'ua_cluster_stop bench; rm -f "$RAW"' EXIT
+trap 'ua_cluster_stop bench; rm -rf "$TMP"' EXIT
 
 for c in "${CONTENDERS[@]}"; do
     ua_psql "$PORT" postgres -c "CREATE DATABASE bench_$c" >/dev/null
@@ -31,56 +46,151 @@ for c in "${CONTENDERS[@]}"; do
 done
 ua_psql "$PORT" bench_bare -f "$BENCH/bare.sql" >/dev/null
 ua_psql "$PORT" bench_plpgsql -f "$BENCH/plpgsql_trigger.sql" >/dev/null
+ua_psql "$PORT" bench_deferred -c "UPDATE usage_agg.config SET fold_mode = 'deferred'" >/dev/null
 
 reset_tables() {
-    ua_psql "$PORT" "bench_$1" -c "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs" \
+    ua_psql "$PORT" "bench_$1" \
+        -c "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs, usage_agg.pending_deltas" \
         -c "UPDATE usage_agg.retention_horizon SET detail_kept_from = '-infinity', daily_kept_from = '-infinity'" \
-        -c "CHECKPOINT" >/dev/null
+        -c "VACUUM ANALYZE usage_agg.key_usage_logs, usage_agg.daily_logs" -c "CHECKPOINT" >/dev/null
 }
 
-run_fold=false; run_quota=false; run_cleanup=false
-for w in $WORKLOADS; do
-    case "$w" in fold) run_fold=true ;; quota) run_quota=true ;; cleanup) run_cleanup=true ;; esac
-done
+deadlocks() { ua_psql "$PORT" postgres -At -c "SELECT sum(deadlocks) FROM pg_stat_database"; }
 
-pgbench_tps() {  # pgbench_tps DB CLIENTS SCRIPT
-    local jobs=$(( $2 < 2 ? $2 : 2 ))
-    "${UA_PG_BIN}/pgbench" -n -M prepared -c "$2" -j "$jobs" -T "$SECONDS_PER_RUN" \
-        -h 127.0.0.1 -p "$PORT" -U postgres -f "$3" "$1" 2>&1 | awk '/^tps = / {print $3; exit}'
+# run_pgbench LABEL CONTENDER CLIENTS SCRIPT: appends
+# "LABEL CONTENDER tps p50_ms p99_ms errors" to $RAW (per-transaction pgbench log).
+run_pgbench() {
+    local label="$1" c="$2" n="$3" script="$4" dir
+    local jobs=$(( n < 2 ? n : 2 ))
+    dir="$(mktemp -d -p "$TMP")"
+    (cd "$dir" && "${UA_PG_BIN}/pgbench" -n -M prepared -c "$n" -j "$jobs" -T "$SECONDS_PER_RUN" -l --log-prefix=tx \
+        -h 127.0.0.1 -p "$PORT" -U postgres -f "$script" "bench_$c" >out 2>&1) || true
+    local tps errors pct
+    tps=$(awk '/^tps = / {print $3; exit}' "$dir/out")
+    local aborted failed
+    aborted=$(grep -c "aborted in command" "$dir/out" || true)
+    failed=$(awk '/number of failed transactions/ {print $5; exit}' "$dir/out" | tr -dc 0-9)
+    errors=$(( ${aborted:-0} + ${failed:-0} ))
+    pct=$(cat "$dir"/tx.* | awk '{print $3 / 1000}' | sort -g \
+          | awk '{a[NR] = $1} END {printf "%.3f %.3f", a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1]}')
+    echo "$label $c ${tps:-0} $pct $errors" >>"$RAW"
+    ua_log "$label $c: ${tps:-0} tps, p50/p99 $pct ms, $errors errors"
+    rm -rf "$dir"
 }
 
-if $run_quota; then
-    ua_psql "$PORT" bench_usage_agg -f "$BENCH/quota_setup.sql" >/dev/null
+# Deferred mode leaves calls pending: fold them and record the cost, so that the
+# table shows what deferral postpones.
+apply_pending() {  # apply_pending LABEL
+    local out ms rows
+    out=$(ua_psql "$PORT" bench_deferred -At -c '\timing on' -c "SELECT usage_agg.apply_pending_deltas()")
+    rows=$(echo "$out" | head -1)
+    ms=$(echo "$out" | awk '/^Time: / {print $2; exit}')
+    echo "apply_$1 deferred $ms $rows" >>"$RAW"
+}
+
+# ---------------------------------------------------------------------------
+if has single || has hot; then
+    before=$(deadlocks)
     for round in $(seq 1 "$ROUNDS"); do
-        for script in consume_many consume_one; do
-            tps=$(pgbench_tps bench_usage_agg 16 "$BENCH/$script.pgbench")
-            echo "$script usage_agg $tps" >>"$RAW"
-            ua_log "round $round: $script, 16 clients: $tps tps"
+        for n in $CLIENTS; do
+            has single || break
+            for c in "${CONTENDERS[@]}"; do
+                reset_tables "$c"
+                run_pgbench "single_$n" "$c" "$n" "$BENCH/insert_one.pgbench"
+                [ "$c" = deferred ] && apply_pending "single_$n"
+            done
+        done
+        if has hot; then
+            for c in "${CONTENDERS[@]}"; do
+                reset_tables "$c"
+                run_pgbench hot_16 "$c" 16 "$BENCH/insert_hot.pgbench"
+                [ "$c" = deferred ] && apply_pending hot_16
+            done
+        fi
+    done
+    DEADLOCKS_INSERTS=$(( $(deadlocks) - before ))
+    for c in usage_agg deferred; do
+        bad=$(ua_psql "$PORT" "bench_$c" -At -c "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
+        [ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences in bench_$c" >&2; exit 1; }
+    done
+fi
+
+# ---------------------------------------------------------------------------
+if has bulk; then
+    ua_psql "$PORT" bench_bare -At -f "$BENCH/copy_1m.sql" >"$TMP/copy_1m.csv"
+    for round in $(seq 1 "$BULK_ROUNDS"); do
+        for c in "${CONTENDERS[@]}"; do
+            reset_tables "$c"
+            ms=$(ua_psql "$PORT" "bench_$c" -c '\timing on' -f "$BENCH/bulk_1m.sql" | awk '/^Time: / {print $2; exit}')
+            echo "bulk_insert $c $ms" >>"$RAW"
+            ua_log "round $round: 1,000,000-row INSERT ... SELECT, $c: $ms ms"
+            reset_tables "$c"
+            t0=$(date +%s%N)
+            ua_psql "$PORT" "bench_$c" -c "\\copy usage_agg.key_usage_logs (user_id, shared_key_id, api_endpoint, model_used, tokens_used, cost_estimate, success, created_at) FROM '$TMP/copy_1m.csv' WITH (FORMAT csv)" >/dev/null
+            ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+            echo "bulk_copy $c $ms" >>"$RAW"
+            ua_log "round $round: 1,000,000-row COPY, $c: $ms ms"
         done
     done
-    # Three-way agreement after the storm.
+    for c in usage_agg deferred; do
+        bad=$(ua_psql "$PORT" "bench_$c" -At -c "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
+        [ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences after the bulk load in bench_$c" >&2; exit 1; }
+    done
+    rm -f "$TMP/copy_1m.csv"
+fi
+
+# ---------------------------------------------------------------------------
+if has quota; then
+    ua_psql "$PORT" bench_usage_agg -f "$BENCH/quota_setup.sql" >/dev/null
+    for round in $(seq 1 "$ROUNDS"); do
+        run_pgbench consume_many usage_agg 16 "$BENCH/consume_many.pgbench"
+        run_pgbench consume_one usage_agg 16 "$BENCH/consume_one.pgbench"
+    done
     bad=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT count(*) FROM usage_agg.quotas q
             WHERE q.monthly_used <> (SELECT coalesce(sum(amount), 0) FROM usage_agg.quota_usage_logs l WHERE l.user_id = q.user_id)")
     [ "$bad" = "0" ] || { echo "quota accounting disagrees for $bad users" >&2; exit 1; }
 fi
 
-# Insert latency while cleanup_old_key_usage_logs() removes 1,000,000 expired rows,
-# against the same load without a cleanup. Single-row inserts, 4 clients, per-
-# transaction pgbench logs; percentiles over the cleanup's time window (the same
-# window, measured from pgbench's start, for the run without cleanup).
+# ---------------------------------------------------------------------------
+# Reads with 1M and then READ_ROWS_M million detail rows present: usage_agg's
+# reads (aggregates only) against the same summary summed over the detail.
+if has reads; then
+    for c in usage_agg bare; do reset_tables "$c"; done
+    loaded=0
+    for target in 1 "$READ_ROWS_M"; do
+        while [ "$loaded" -lt "$target" ]; do
+            for c in usage_agg bare; do ua_psql "$PORT" "bench_$c" -f "$BENCH/history_1m.sql" >/dev/null; done
+            loaded=$((loaded + 1))
+            ua_log "read history: ${loaded}M detail rows"
+        done
+        for c in usage_agg bare; do ua_psql "$PORT" "bench_$c" -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null; done
+        for round in $(seq 1 "$ROUNDS"); do
+            run_pgbench "read_summary_${target}m" usage_agg 4 "$BENCH/read_summary.pgbench"
+            run_pgbench "read_limit_${target}m" usage_agg 4 "$BENCH/read_limit.pgbench"
+            run_pgbench "read_summary_${target}m" bare 4 "$BENCH/read_detail.pgbench"
+        done
+        [ "$target" = "$READ_ROWS_M" ] && break
+    done
+fi
+
+# ---------------------------------------------------------------------------
+# Insert latency while cleanup_old_key_usage_logs() removes 1,000,000 expired
+# rows, against the same load without a cleanup: single-row inserts, 4 clients,
+# percentiles over the cleanup's time window (the same window, measured from
+# pgbench's start, for the run without cleanup).
 latency_stats() {  # latency_stats LOGDIR FROM_EPOCH TO_EPOCH -> "tps p50 p99 max" (ms)
     local span; span=$(awk -v a="$2" -v b="$3" 'BEGIN { print b - a }')
     cat "$1"/tx.* | awk -v from="$2" -v to="$3" '{ t = $5 + $6 / 1e6; if (t >= from && t <= to) print $3 / 1000 }' \
         | sort -g | awk -v span="$span" '{ a[NR] = $1 }
             END { printf "%.0f %.2f %.2f %.2f\n", NR / span, a[int(NR * 0.5) + 1], a[int(NR * 0.99) + 1], a[NR] }'
 }
-if $run_cleanup; then
+if has cleanup; then
     ua_log "loading 1,000,000 expired rows (folded as they go in)"
     reset_tables usage_agg
     ua_psql "$PORT" bench_usage_agg -f "$BENCH/expired_1m.sql" -c "VACUUM ANALYZE usage_agg.key_usage_logs" -c "CHECKPOINT" >/dev/null
     CLEANUP_WINDOW=""
     for mode in with_cleanup without_cleanup; do
-        logdir="$(mktemp -d)"
+        logdir="$(mktemp -d -p "$TMP")"
         (cd "$logdir" && exec "${UA_PG_BIN}/pgbench" -n -M prepared -c 4 -j 2 -T "$CLEANUP_SECONDS" -l --log-prefix=tx \
             -h 127.0.0.1 -p "$PORT" -U postgres -f "$BENCH/insert_one.pgbench" bench_usage_agg >pgbench.out 2>&1) &
         pgbench_pid=$!
@@ -88,11 +198,9 @@ if $run_cleanup; then
         sleep 5
         if [ "$mode" = with_cleanup ]; then
             t0=$(date +%s.%N)
-            removed=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT usage_agg.cleanup_old_key_usage_logs()" 2>/dev/null)
+            CLEANUP_ROWS=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT usage_agg.cleanup_old_key_usage_logs()" 2>/dev/null)
             t1=$(date +%s.%N)
             CLEANUP_WINDOW="$(awk -v a="$t0" -v b="$t1" -v s="$started" 'BEGIN { printf "%.3f %.3f", a - s, b - s }')"
-            ua_log "cleanup removed $removed rows in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }') s"
-            CLEANUP_ROWS="$removed"
         fi
         wait "$pgbench_pid"
         read -r off_from off_to <<<"$CLEANUP_WINDOW"
@@ -101,81 +209,90 @@ if $run_cleanup; then
         fi
         from=$(awk -v s="$started" -v o="$off_from" 'BEGIN { printf "%.3f", s + o }')
         to=$(awk -v s="$started" -v o="$off_to" 'BEGIN { printf "%.3f", s + o }')
-        echo "cleanup_$mode $(latency_stats "$logdir" "$from" "$to")" >>"$RAW"
+        echo "cleanup_$mode usage_agg $(latency_stats "$logdir" "$from" "$to")" >>"$RAW"
         ua_log "$mode: $(tail -1 "$RAW")"
-        rm -rf "$logdir"
     done
     CLEANUP_SECONDS_TAKEN=$(awk -v w="$CLEANUP_WINDOW" 'BEGIN { split(w, x, " "); printf "%.1f", x[2] - x[1] }')
     bad=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 100, current_date + 1)")
     [ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences after the cleanup run" >&2; exit 1; }
 fi
 
-for round in $(seq 1 "$ROUNDS"); do
-    $run_fold || break
-    for n in $CLIENTS; do
-        for c in "${CONTENDERS[@]}"; do
-            reset_tables "$c"
-            jobs=$(( n < 2 ? n : 2 ))
-            tps=$("${UA_PG_BIN}/pgbench" -n -M prepared -c "$n" -j "$jobs" -T "$SECONDS_PER_RUN" \
-                    -h 127.0.0.1 -p "$PORT" -U postgres -f "$BENCH/insert_one.pgbench" "bench_$c" 2>&1 \
-                  | awk '/^tps = / {print $3; exit}')
-            echo "single_$n $c $tps" >>"$RAW"
-            ua_log "round $round: single-row inserts, $n clients, $c: $tps tps"
-        done
-    done
-    for c in "${CONTENDERS[@]}"; do
-        reset_tables "$c"
-        ms=$(ua_psql "$PORT" "bench_$c" -c '\timing on' -f "$BENCH/bulk_200k.sql" \
-             | awk '/^Time: / {print $2; exit}')
-        echo "bulk_200k $c $ms" >>"$RAW"
-        ua_log "round $round: 200,000-row INSERT ... SELECT, $c: $ms ms"
-    done
-done
-
-# A bulk load leaves the aggregate exact: checked, not assumed.
-$run_fold && bad=$(ua_psql "$PORT" bench_usage_agg -At -c "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
-$run_fold && { [ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences after the bulk load" >&2; exit 1; }; }
-
-median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-get() { awk -v w="$1" -v c="$2" '$1==w && $2==c {print $3}' "$RAW" | median; }
+# ---------------------------------------------------------------------------
+median() { sort -g | awk '{a[NR]=$1} END {if (NR == 0) print ""; else print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+get() { awk -v w="$1" -v c="$2" -v f="${3:-3}" '$1==w && $2==c {print $f}' "$RAW" | median; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "" || b == "" || b == 0) print "-"; else printf "%.2fx", a / b }'; }
+fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else printf "%.*f", d, v }'; }
 
 {
     echo "# usage_agg benchmark"
     echo
-    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC')"
-    echo "- machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -srm)"
-    echo "- server: $("${UA_PG_BIN}/postgres" --version), shared_buffers=1GB, max_wal_size=4GB, fsync/synchronous_commit on (defaults)"
-    echo "- command: \`BENCH_WORKLOADS=\"$WORKLOADS\" BENCH_CLIENTS=\"$CLIENTS\" BENCH_SECONDS=$SECONDS_PER_RUN BENCH_ROUNDS=$ROUNDS bash bench/run.sh\`"
-    $run_fold && echo "- single-row: pgbench -M prepared, ${SECONDS_PER_RUN}s per run, 10,000 users, 4 keys, 3 models; median of $ROUNDS rounds"
-    $run_fold && echo "- bulk: one INSERT ... SELECT of 200,000 rows over 10,000 users and 3 days; median of $ROUNDS rounds"
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M UTC'), took $(( ($(date +%s) - STARTED_AT) / 60 )) min"
+    echo "- machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -srm)"
+    echo "- server: $("${UA_PG_BIN}/postgres" --version), shared_buffers=1GB, max_wal_size=4GB, checkpoint_timeout=30min, fsync and synchronous_commit on; pgbench on the same machine"
+    echo "- command: \`BENCH_WORKLOADS=\"$WORKLOADS\" BENCH_CLIENTS=\"$CLIENTS\" BENCH_SECONDS=$SECONDS_PER_RUN BENCH_ROUNDS=$ROUNDS BENCH_BULK_ROUNDS=$BULK_ROUNDS BENCH_READ_ROWS_M=$READ_ROWS_M bash bench/run.sh\`"
+    echo "- pgbench -M prepared, ${SECONDS_PER_RUN} s per run, 10,000 users, 4 keys, 3 models; medians of $ROUNDS rounds (bulk: $BULK_ROUNDS); latencies from per-transaction logs"
     echo
-    if $run_fold; then
-    echo "| workload | bare | usage_agg | PL/pgSQL trigger | usage_agg / bare | usage_agg / PL/pgSQL |"
-    echo "|---|---:|---:|---:|---:|---:|"
-    for n in $CLIENTS; do
-        b=$(get "single_$n" bare); u=$(get "single_$n" usage_agg); p=$(get "single_$n" plpgsql)
-        awk -v n="$n" -v b="$b" -v u="$u" -v p="$p" 'BEGIN {
-            printf "| single-row insert, %d clients (tps, higher is better) | %.0f | %.0f | %.0f | %.2fx | %.2fx |\n", n, b, u, p, u/b, u/p }'
+    if has single || has hot || has bulk; then
+    echo "| workload | bare | usage_agg (immediate) | usage_agg (deferred) | PL/pgSQL trigger | immediate / bare | deferred / bare | immediate / PL/pgSQL | deferred / PL/pgSQL |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    rows=()
+    has single && for n in $CLIENTS; do rows+=("single_$n|single-row insert, $n clients"); done
+    has hot && rows+=("hot_16|one hot user, 16 clients")
+    for r in "${rows[@]}"; do
+        w="${r%%|*}"; name="${r#*|}"
+        b=$(get "$w" bare); u=$(get "$w" usage_agg); d=$(get "$w" deferred); p=$(get "$w" plpgsql)
+        echo "| $name: tps | $(fmt "$b") | $(fmt "$u") | $(fmt "$d") | $(fmt "$p") | $(ratio "$u" "$b") | $(ratio "$d" "$b") | $(ratio "$u" "$p") | $(ratio "$d" "$p") |"
+        echo "| $name: p50 / p99 ms | $(fmt "$(get "$w" bare 4)" 2) / $(fmt "$(get "$w" bare 5)" 2) | $(fmt "$(get "$w" usage_agg 4)" 2) / $(fmt "$(get "$w" usage_agg 5)" 2) | $(fmt "$(get "$w" deferred 4)" 2) / $(fmt "$(get "$w" deferred 5)" 2) | $(fmt "$(get "$w" plpgsql 4)" 2) / $(fmt "$(get "$w" plpgsql 5)" 2) | | | | |"
     done
-    b=$(get bulk_200k bare); u=$(get bulk_200k usage_agg); p=$(get bulk_200k plpgsql)
-    awk -v b="$b" -v u="$u" -v p="$p" 'BEGIN {
-        printf "| 200,000-row INSERT ... SELECT (ms, lower is better) | %.0f | %.0f | %.0f | %.2fx time | %.2fx time |\n", b, u, p, u/b, u/p }'
+    if has bulk; then
+        for w in "bulk_insert|1,000,000-row INSERT ... SELECT: ms" "bulk_copy|1,000,000-row COPY: ms"; do
+            k="${w%%|*}"; name="${w#*|}"
+            b=$(get "$k" bare); u=$(get "$k" usage_agg); d=$(get "$k" deferred); p=$(get "$k" plpgsql)
+            echo "| $name (lower is better) | $(fmt "$b") | $(fmt "$u") | $(fmt "$d") | $(fmt "$p") | $(ratio "$u" "$b") | $(ratio "$d" "$b") | $(ratio "$u" "$p") | $(ratio "$d" "$p") |"
+        done
     fi
-    if $run_quota; then
     echo
-    echo "| quota workload (16 clients, pgbench -M prepared) | usage_agg tps |"
-    echo "|---|---:|"
-    echo "| consume_quota, 10,000 users | $(get consume_many usage_agg | awk '{printf "%.0f", $1}') |"
-    echo "| consume_quota, all clients on one user | $(get consume_one usage_agg | awk '{printf "%.0f", $1}') |"
+    echo "Errors (failed or aborted pgbench transactions) across all insert runs: bare $(awk '$1 ~ /^(single|hot)/ && $2=="bare" {s+=$6} END {print s+0}' "$RAW"), usage_agg $(awk '$1 ~ /^(single|hot)/ && $2=="usage_agg" {s+=$6} END {print s+0}' "$RAW"), deferred $(awk '$1 ~ /^(single|hot)/ && $2=="deferred" {s+=$6} END {print s+0}' "$RAW"), PL/pgSQL $(awk '$1 ~ /^(single|hot)/ && $2=="plpgsql" {s+=$6} END {print s+0}' "$RAW"); deadlocks reported by the server: ${DEADLOCKS_INSERTS:-n/a}."
+    if grep -q '^apply_' "$RAW"; then
+        echo
+        echo "Deferred mode postpones work: \`apply_pending_deltas()\` after the runs (median ms / calls applied):"
+        for w in $(awk '$1 ~ /^apply_/ {print $1}' "$RAW" | sort -u); do
+            echo "- ${w#apply_}: $(fmt "$(get "$w" deferred 3)") ms for $(fmt "$(get "$w" deferred 4)") calls"
+        done
     fi
-    if $run_cleanup; then
+    fi
+    if has quota; then
+    echo
+    echo "| quota workload (16 clients) | usage_agg tps | p50 / p99 ms |"
+    echo "|---|---:|---:|"
+    echo "| consume_quota, 10,000 users | $(fmt "$(get consume_many usage_agg)") | $(fmt "$(get consume_many usage_agg 4)" 2) / $(fmt "$(get consume_many usage_agg 5)" 2) |"
+    echo "| consume_quota, all clients on one user | $(fmt "$(get consume_one usage_agg)") | $(fmt "$(get consume_one usage_agg 4)" 2) / $(fmt "$(get consume_one usage_agg 5)" 2) |"
+    fi
+    if has reads; then
+    echo
+    echo "| read (4 clients) | detail rows | usage_agg p50 / p99 ms | usage_agg tps | summed over the detail p50 / p99 ms | detail tps |"
+    echo "|---|---:|---:|---:|---:|---:|"
+    for m in 1 "$READ_ROWS_M"; do
+        echo "| usage_summary | ${m}M | $(fmt "$(get "read_summary_${m}m" usage_agg 4)" 3) / $(fmt "$(get "read_summary_${m}m" usage_agg 5)" 3) | $(fmt "$(get "read_summary_${m}m" usage_agg)") | $(fmt "$(get "read_summary_${m}m" bare 4)" 3) / $(fmt "$(get "read_summary_${m}m" bare 5)" 3) | $(fmt "$(get "read_summary_${m}m" bare)") |"
+        echo "| check_usage_limit | ${m}M | $(fmt "$(get "read_limit_${m}m" usage_agg 4)" 3) / $(fmt "$(get "read_limit_${m}m" usage_agg 5)" 3) | $(fmt "$(get "read_limit_${m}m" usage_agg)") | | |"
+        [ "$m" = "$READ_ROWS_M" ] && break
+    done
+    fi
+    if has cleanup; then
     echo
     echo "Single-row inserts (4 clients, usage_agg) while \`cleanup_old_key_usage_logs()\` removes $CLEANUP_ROWS expired rows"
     echo "(it took ${CLEANUP_SECONDS_TAKEN} s), against the same ${CLEANUP_SECONDS_TAKEN} s window of the same load without a cleanup:"
     echo
     echo "| insert load | tps | p50 ms | p99 ms | max ms |"
     echo "|---|---:|---:|---:|---:|"
-    awk '$1 ~ /^cleanup_/ { sub("cleanup_", "", $1); gsub("_", " ", $1); printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5 }' "$RAW"
+    awk '$1 ~ /^cleanup_/ { sub("cleanup_", "", $1); gsub("_", " ", $1); printf "| %s | %s | %s | %s | %s |\n", $1, $3, $4, $5, $6 }' "$RAW"
     fi
+    echo
+    echo "<details><summary>raw results</summary>"
+    echo
+    echo '```'
+    cat "$RAW"
+    echo '```'
+    echo "</details>"
 } | tee "$OUT"
 ua_log "written to $OUT"

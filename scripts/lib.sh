@@ -63,6 +63,25 @@ ua_install_extension() {
     (cd "$UA_ROOT" && cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
 }
 
+# Builds and installs an earlier release from its git tag (for the upgrade test).
+# A target directory of its own: artifacts of two versions of the crate must not mix.
+ua_install_tag() {
+    local tag="$1" dir="${UA_RUN_DIR}/src-$1"
+    if ! git -C "$UA_ROOT" rev-parse -q --verify "refs/tags/$tag" >/dev/null; then
+        ua_log "fetching tag $tag"
+        git -C "$UA_ROOT" fetch --depth=1 origin "refs/tags/$tag:refs/tags/$tag" || {
+            echo "the upgrade test needs git tag $tag: run git fetch --tags" >&2; exit 1; }
+    fi
+    ua_log "building and installing usage_agg $tag (release) for the upgrade test"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    git -C "$UA_ROOT" archive "$tag" | tar -x -C "$dir"
+    local sudo_flag=()
+    [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
+    (cd "$dir" && CARGO_TARGET_DIR="$UA_ROOT/target/release-$tag" \
+        cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
+}
+
 # ua_cluster_start NAME PORT [extra postgresql.conf lines...]
 # Creates a fresh cluster in $UA_RUN_DIR/NAME (owned by the server user), starts it
 # on 127.0.0.1:PORT with pg_cron preloaded, and creates database usage_agg_test.

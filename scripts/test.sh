@@ -18,11 +18,19 @@ else
     cargo pgrx test pg${UA_PG_MAJOR}
 fi
 
-ua_install_extension
 PORT="${USAGE_AGG_TEST_PORT:-28816}"
-ua_log "integration tests against a live cluster on port ${PORT}"
 ua_cluster_start itest "$PORT"
 trap 'ua_cluster_stop itest' EXIT
+
+# Upgrade test: every released version, installed from its tag, writes data with
+# its own library; tests/upgrade.rs then updates it with the current one.
+ua_install_tag v0.1.0
+ua_psql "$PORT" postgres -c "CREATE DATABASE usage_agg_upgrade" >/dev/null
+ua_psql "$PORT" usage_agg_upgrade -f "$UA_ROOT/tests/upgrade/write_v0.1.0_data.sql" >/dev/null
+export USAGE_AGG_UPGRADE_PORT="$PORT"
+
+ua_install_extension
+ua_log "integration tests against a live cluster on port ${PORT}"
 export USAGE_AGG_TEST_DSN="host=127.0.0.1 port=${PORT} user=postgres dbname=usage_agg_test"
 export USAGE_AGG_TEST_PORT="$PORT"
 cargo test --test '*' -- --test-threads="${USAGE_AGG_TEST_THREADS:-2}"

@@ -458,10 +458,10 @@ END;
 $$;
 
 COMMENT ON FUNCTION usage_agg.verify_daily_logs(date, date) IS
-    'Lists every (user, date, field) where daily_logs (plus pending deltas) and a GROUP BY over key_usage_logs disagree;
+    'Lists every (user, date, field) where daily_logs (plus pending deltas) and a GROUP BY over key_usage_logs disagree; empty means consistent. Days whose detail has expired are skipped.';
 
 COMMENT ON FUNCTION usage_agg.run_maintenance() IS
-    'Runs apply_pending_deltas, cleanup_old_key_usage_logs, cleanup_old_daily_logs and reset_expired_quotas, each logged in usage_agg.maintenance_runs;
+    'Runs apply_pending_deltas, cleanup_old_key_usage_logs, cleanup_old_daily_logs and reset_expired_quotas, each logged in usage_agg.maintenance_runs; a failing step does not stop the others';
 
 CREATE OR REPLACE VIEW usage_agg.maintenance_health AS
 SELECT s.step,

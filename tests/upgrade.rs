@@ -1,0 +1,184 @@
+//! ALTER EXTENSION usage_agg UPDATE from every released version keeps all data
+//! and gives the same catalog as a fresh install.
+//!
+//! scripts/test.sh builds and installs 0.1.0 from its tag, creates database
+//! usage_agg_upgrade with it and writes data (tests/upgrade/write_v0.1.0_data.sql),
+//! then installs the current version; this test updates that database.
+#![cfg(not(feature = "pg_test"))]
+
+mod common;
+
+use common::*;
+use postgres::{Client, NoTls};
+
+/// Fingerprints of every table's data, one line per table.
+fn data_fingerprint(c: &mut Client) -> Vec<String> {
+    let tables = [
+        (
+            "config",
+            "timezone, detail_retention, daily_retention, cleanup_batch_size",
+        ),
+        ("key_usage_logs", "id"),
+        ("daily_logs", "user_id, date"),
+        ("monthly_logs", "user_id, month"),
+        ("retention_horizon", "detail_kept_from"),
+        ("maintenance_runs", "id"),
+        ("quota_plans", "membership_level"),
+        ("quotas", "user_id"),
+        ("quota_usage_logs", "id"),
+    ];
+    tables
+        .iter()
+        .map(|(t, order)| {
+            // Only the columns 0.1.0 has, so that both sides compare alike.
+            let cols = c
+                .query(
+                    "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
+                      WHERE attrelid = ('usage_agg.' || $1)::regclass AND attnum > 0 AND NOT attisdropped
+                        AND attname <> 'fold_mode'",
+                    &[t],
+                )
+                .unwrap()[0]
+                .get::<_, String>(0);
+            let sql = format!(
+                "SELECT count(*) || ' ' || coalesce(md5(string_agg(row({cols})::text, '|' ORDER BY {order})), '-') FROM usage_agg.{t}"
+            );
+            format!("{t}: {}", scalar_text(c, &sql).unwrap())
+        })
+        .collect()
+}
+
+/// Everything the extension defines, as sorted text lines.
+fn catalog(c: &mut Client) -> Vec<String> {
+    let mut lines: Vec<String> = c
+        .query(
+            "WITH ns AS (SELECT oid FROM pg_namespace WHERE nspname = 'usage_agg'),
+                  ext AS (SELECT oid, extconfig, extcondition FROM pg_extension WHERE extname = 'usage_agg')
+             SELECT 'function ' || p.proname || '(' || pg_get_function_arguments(p.oid) || ') ' || coalesce(pg_get_function_result(p.oid), '')
+                    || ' lang=' || l.lanname || ' kind=' || p.prokind::text || ' vol=' || p.provolatile::text || ' strict=' || p.proisstrict
+                    || ' par=' || p.proparallel::text || ' secdef=' || p.prosecdef
+                    || ' config=' || coalesce(array_to_string(p.proconfig, ','), '')
+                    || ' body=' || md5(coalesce(p.prosrc, '') || coalesce(p.probin, '') || coalesce(pg_get_function_sqlbody(p.oid), ''))
+                    || ' acl=' || coalesce(p.proacl::text, '') || ' comment=' || coalesce(obj_description(p.oid, 'pg_proc'), '')
+               FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang WHERE p.pronamespace IN (SELECT oid FROM ns)
+             UNION ALL
+             SELECT 'relation ' || c.relname || ' kind=' || c.relkind::text || ' options=' || coalesce(array_to_string(c.reloptions, ','), '')
+                    || ' acl=' || coalesce(c.relacl::text, '') || ' comment=' || coalesce(obj_description(c.oid, 'pg_class'), '')
+               FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM ns)
+             UNION ALL
+             SELECT 'column ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod)
+                    || ' notnull=' || a.attnotnull || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+                    || ' acl=' || coalesce(a.attacl::text, '') || ' comment=' || coalesce(col_description(c.oid, a.attnum), '')
+               FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+              WHERE c.relnamespace IN (SELECT oid FROM ns) AND c.relkind IN ('r', 'p', 'v', 'c')
+             UNION ALL
+             SELECT 'index ' || pg_get_indexdef(i.indexrelid)
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relnamespace IN (SELECT oid FROM ns)
+             UNION ALL
+             SELECT 'constraint ' || coalesce(r.relname, t.typname) || ' ' || co.conname || ' ' || pg_get_constraintdef(co.oid)
+               FROM pg_constraint co LEFT JOIN pg_class r ON r.oid = co.conrelid LEFT JOIN pg_type t ON t.oid = co.contypid
+              WHERE co.connamespace IN (SELECT oid FROM ns)
+             UNION ALL
+             SELECT 'trigger ' || pg_get_triggerdef(t.oid) || ' enabled=' || t.tgenabled::text
+               FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+              WHERE c.relnamespace IN (SELECT oid FROM ns) AND NOT t.tgisinternal
+             UNION ALL
+             SELECT 'view ' || c.relname || ' ' || pg_get_viewdef(c.oid)
+               FROM pg_class c WHERE c.relnamespace IN (SELECT oid FROM ns) AND c.relkind = 'v'
+             UNION ALL
+             SELECT 'aggregate ' || a.aggfnoid::regprocedure || ' ' || a.aggtransfn::regproc || ' ' || coalesce(a.agginitval, '')
+               FROM pg_aggregate a JOIN pg_proc p ON p.oid = a.aggfnoid WHERE p.pronamespace IN (SELECT oid FROM ns)
+             UNION ALL
+             SELECT 'type ' || t.typname || ' ' || t.typtype::text
+               FROM pg_type t WHERE t.typnamespace IN (SELECT oid FROM ns)
+             UNION ALL
+             SELECT 'member ' || pg_describe_object(d.classid, d.objid, d.objsubid)
+               FROM pg_depend d, ext WHERE d.refclassid = 'pg_extension'::regclass AND d.refobjid = ext.oid AND d.deptype = 'e'
+             UNION ALL
+             SELECT 'dumped ' || x.rel::regclass || ' ' || coalesce(x.cond, '')
+               FROM ext, unnest(ext.extconfig, ext.extcondition) AS x(rel, cond)
+             UNION ALL
+             SELECT 'schema acl=' || coalesce(n.nspacl::text, '') FROM pg_namespace n WHERE n.nspname = 'usage_agg'",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[test]
+fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres dbname=usage_agg_upgrade",
+        std::env::var("USAGE_AGG_UPGRADE_PORT")
+            .expect("USAGE_AGG_UPGRADE_PORT is not set: run the tests through scripts/test.sh")
+    );
+    let mut old = Client::connect(&dsn, NoTls).expect("connect to the 0.1.0 database");
+    assert_eq!(
+        scalar_text(
+            &mut old,
+            "SELECT extversion FROM pg_extension WHERE extname = 'usage_agg'"
+        ),
+        Some("0.1.0".to_string())
+    );
+    let before = data_fingerprint(&mut old);
+    assert_eq!(before.len(), 9);
+    assert!(
+        before.iter().all(|l| !l.contains(": 0 ")),
+        "every table holds data before the update: {before:?}"
+    );
+    old.batch_execute("ALTER EXTENSION usage_agg UPDATE")
+        .unwrap();
+    assert_eq!(
+        scalar_text(
+            &mut old,
+            "SELECT extversion FROM pg_extension WHERE extname = 'usage_agg'"
+        ),
+        Some(env!("CARGO_PKG_VERSION").to_string())
+    );
+    assert_eq!(data_fingerprint(&mut old), before);
+    assert_eq!(
+        scalar_text(&mut old, "SELECT fold_mode FROM usage_agg.config"),
+        Some("immediate".to_string())
+    );
+    // The aggregates written by 0.1.0 still agree with their detail, and the new
+    // version folds on top of them.
+    assert_eq!(
+        verify(&mut old, "2000-01-01", "2100-01-01"),
+        Vec::<String>::new()
+    );
+    old.batch_execute(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('f0000000-0000-0000-0000-000000000001', 1);
+         UPDATE usage_agg.config SET fold_mode = 'deferred';
+         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('f0000000-0000-0000-0000-000000000001', 1);
+         DELETE FROM usage_agg.key_usage_logs WHERE request_id = 'req-5';
+         SELECT usage_agg.consume_quota('f0000000-0000-0000-0000-000000000002');",
+    )
+    .unwrap();
+    assert_eq!(
+        verify(&mut old, "2000-01-01", "2100-01-01"),
+        Vec::<String>::new()
+    );
+    old.batch_execute("UPDATE usage_agg.config SET fold_mode = 'immediate'; SELECT usage_agg.apply_pending_deltas();")
+        .unwrap();
+
+    let fresh = TestDb::new("upgrade_fresh");
+    let mut fresh = fresh.connect();
+    let updated = catalog(&mut old);
+    let installed = catalog(&mut fresh);
+    let only_updated: Vec<&String> = updated.iter().filter(|l| !installed.contains(l)).collect();
+    let only_fresh: Vec<&String> = installed.iter().filter(|l| !updated.contains(l)).collect();
+    assert!(
+        only_updated.is_empty() && only_fresh.is_empty(),
+        "catalog differs\nonly after update: {only_updated:#?}\nonly in a fresh install: {only_fresh:#?}"
+    );
+    assert!(
+        updated.len() > 150,
+        "the catalog query sees the extension: {} lines",
+        updated.len()
+    );
+}
