@@ -165,9 +165,9 @@ if has reads; then
         done
         for c in usage_agg bare; do ua_psql "$PORT" "bench_$c" -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null; done
         for round in $(seq 1 "$ROUNDS"); do
-            run_pgbench "read_summary_${target}m" usage_agg 4 "$BENCH/read_summary.pgbench"
-            run_pgbench "read_limit_${target}m" usage_agg 4 "$BENCH/read_limit.pgbench"
-            run_pgbench "read_summary_${target}m" bare 4 "$BENCH/read_detail.pgbench"
+            run_pgbench "read_summary_${target}m" usage_agg 1 "$BENCH/read_summary.pgbench"
+            run_pgbench "read_limit_${target}m" usage_agg 1 "$BENCH/read_limit.pgbench"
+            run_pgbench "read_summary_${target}m" bare 1 "$BENCH/read_detail.pgbench"
         done
         [ "$target" = "$READ_ROWS_M" ] && break
     done
@@ -270,7 +270,7 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
     fi
     if has reads; then
     echo
-    echo "| read (4 clients) | detail rows | usage_agg p50 / p99 ms | usage_agg tps | summed over the detail p50 / p99 ms | detail tps |"
+    echo "| read (1 client, latency of the whole round trip) | detail rows | usage_agg p50 / p99 ms | usage_agg tps | summed over the detail p50 / p99 ms | detail tps |"
     echo "|---|---:|---:|---:|---:|---:|"
     for m in 1 "$READ_ROWS_M"; do
         echo "| usage_summary | ${m}M | $(fmt "$(get "read_summary_${m}m" usage_agg 4)" 3) / $(fmt "$(get "read_summary_${m}m" usage_agg 5)" 3) | $(fmt "$(get "read_summary_${m}m" usage_agg)") | $(fmt "$(get "read_summary_${m}m" bare 4)" 3) / $(fmt "$(get "read_summary_${m}m" bare 5)" 3) | $(fmt "$(get "read_summary_${m}m" bare)") |"

@@ -480,3 +480,12 @@ SELECT s.step,
   LEFT JOIN LATERAL (SELECT r.finished, r.rows FROM usage_agg.maintenance_runs r
                       WHERE r.step = s.step AND r.ok ORDER BY r.started DESC LIMIT 1) last_ok ON true
  ORDER BY s.ord;
+
+-- The fold caches usage_agg.config per backend; changes invalidate the caches.
+CREATE FUNCTION usage_agg._config_changed() RETURNS trigger
+    LANGUAGE c
+    SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', 'config_changed_wrapper';
+CREATE TRIGGER config_changed
+    AFTER INSERT OR UPDATE ON usage_agg.config
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_agg._config_changed();

@@ -13,15 +13,16 @@
 //! other); `apply_pending_deltas()` folds them later with the same upsert, and the
 //! readers add pending rows in, so their numbers stay exact.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
+use pgrx::datum::{Timestamp, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{JsonB, PgOid, Uuid};
+use pgrx::{AnyNumeric, JsonB, PgOid, PgTupleDesc, Uuid};
 
 use crate::errors;
 use crate::logdata::{self, Correction, DayDelta, GroupRow};
@@ -105,11 +106,29 @@ const APPEND_PENDING: &str = "
            COALESCE(t.tokens_used, 0), COALESCE(t.cost_estimate, 0), t.created_at
       FROM usage_agg_new_rows t, (SELECT usage_agg._timezone() AS name) tz";
 
-/// Read through to_jsonb so that the library also works against a catalog of an
-/// older version (no fold_mode column) between installing it and ALTER EXTENSION
-/// ... UPDATE.
-const READ_FOLD_MODE: &str =
-    "SELECT (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'fold_mode') = 'deferred' FROM usage_agg.config c";
+/// The settings the fold needs. fold_mode is read through to_jsonb so that the
+/// library also works against the catalog of an older version (no fold_mode
+/// column) between installing it and ALTER EXTENSION ... UPDATE; the result is
+/// cached only where the config_changed trigger announces changes.
+const READ_CONFIG: &str = "
+    SELECT c.timezone,
+           (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'fold_mode') = 'deferred',
+           'usage_agg.config'::pg_catalog.regclass::pg_catalog.oid,
+           pg_catalog.to_regprocedure('usage_agg._config_changed()') IS NOT NULL
+      FROM usage_agg.config c";
+
+/// Single-row statements (the common case): the one row, already bucketed.
+const UPSERT_ONE: &str = "
+    INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+    VALUES ($1, DATE '2000-01-01' + $2, $3, pg_catalog.now())
+    ON CONFLICT (user_id, date) DO UPDATE
+       SET log_data = usage_agg._fold_merge(d.log_data, EXCLUDED.log_data, d.user_id, d.date),
+           last_modified = EXCLUDED.last_modified";
+
+const APPEND_ONE: &str = "
+    INSERT INTO usage_agg.pending_deltas
+           (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at)
+    VALUES ($1, DATE '2000-01-01' + $2, $3, $4, 1, $5, $6, $7, $8)";
 
 /// Same reason: pending_deltas exists from 0.2.0 on.
 const HAS_PENDING_TABLE: &str =
@@ -160,7 +179,9 @@ thread_local! {
     static LOCK: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static CORRECT: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static APPEND: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
-    static FOLD_MODE: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static CONFIG_PLAN: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static UPSERT1: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
+    static APPEND1: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static ABSORB: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static TAKE: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static HAS_PENDING: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
@@ -259,38 +280,259 @@ fn read_groups(
     );
 }
 
-/// Whether this statement only appends to pending_deltas (deferred mode, a small
-/// INSERT).
-fn appends_to_pending(client: &SpiClient<'_>, trigger: &PgTrigger<'_>, has_old: bool) -> bool {
-    if has_old {
-        return false;
+/// This backend's copy of the settings in usage_agg.config. Dropped when the
+/// table's relcache entry is invalidated, which the `config_changed` trigger
+/// causes on every change (and which a sinval reset or DROP EXTENSION cause too).
+#[derive(Clone)]
+struct FoldConfig {
+    timezone: String,
+    deferred: bool,
+}
+
+thread_local! {
+    static CONFIG: RefCell<Option<FoldConfig>> = const { RefCell::new(None) };
+    static CONFIG_OID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+unsafe extern "C-unwind" fn config_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let ours = CONFIG_OID.with(Cell::get);
+    if relid == pg_sys::InvalidOid || relid == ours {
+        CONFIG.with(|c| c.replace(None));
+        CONFIG_OID.with(|o| o.set(pg_sys::InvalidOid));
     }
-    let new_table = trigger.trigger_data().tg_newtable;
-    if new_table.is_null() {
-        return false;
+}
+
+fn fold_config(client: &SpiClient<'_>) -> FoldConfig {
+    if !CALLBACK_REGISTERED.with(Cell::get) {
+        // SAFETY: registers a plain function for the life of the backend.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(config_invalidated), pg_sys::Datum::from(0))
+        };
+        CALLBACK_REGISTERED.with(|r| r.set(true));
     }
-    // SAFETY: tg_newtable is the live transition tuplestore of this trigger call.
-    let rows = unsafe { pg_sys::tuplestore_tuple_count(new_table) };
-    if rows > DEFERRED_MAX_ROWS {
-        return false;
+    if let Some(cached) = CONFIG.with(|c| c.borrow().clone()) {
+        return cached;
     }
-    with_plan(
-        &FOLD_MODE,
+    let (config, oid, cacheable) = with_plan(
+        &CONFIG_PLAN,
         client,
-        &|| READ_FOLD_MODE.to_string(),
+        &|| READ_CONFIG.to_string(),
         &[],
         false,
         |plan| {
-            client
+            let row = client
                 .select(plan, None, &[])
                 .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
-                .first()
-                .get::<bool>(1)
+                .first();
+            let timezone = row
+                .get::<String>(1)
                 .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
-                .unwrap_or(false)
+                .unwrap_or_else(|| "UTC".to_string());
+            let deferred = row
+                .get::<bool>(2)
+                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
+                .unwrap_or(false);
+            let oid = row
+                .get::<pg_sys::Oid>(3)
+                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
+                .unwrap_or(pg_sys::InvalidOid);
+            let cacheable = row
+                .get::<bool>(4)
+                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
+                .unwrap_or(false);
+            (FoldConfig { timezone, deferred }, oid, cacheable)
         },
-    )
+    );
+    if cacheable {
+        CONFIG_OID.with(|o| o.set(oid));
+        CONFIG.with(|c| c.replace(Some(config.clone())));
+    }
+    config
 }
+
+/// Number of rows in the statement's NEW transition table (0 without one).
+fn new_row_count(trigger: &PgTrigger<'_>) -> i64 {
+    let store = trigger.trigger_data().tg_newtable;
+    if store.is_null() {
+        return 0;
+    }
+    // SAFETY: tg_newtable is the live transition tuplestore of this trigger call.
+    unsafe { pg_sys::tuplestore_tuple_count(store) }
+}
+
+/// The one row of a single-row INSERT, read straight from the transition table.
+struct OneCall {
+    user: Uuid,
+    created_at: TimestampWithTimeZone,
+    model: Option<String>,
+    key: Option<Uuid>,
+    tokens: i64,
+    cost: AnyNumeric,
+    successful: i32,
+}
+
+fn read_one_call(trigger: &PgTrigger<'_>) -> OneCall {
+    let data = trigger.trigger_data();
+    // SAFETY: the transition table and relation belong to this trigger call; the
+    // slot and read pointer are private to this function and the slot is dropped
+    // before it returns (the tuple values are copied out first).
+    unsafe {
+        let store = data.tg_newtable;
+        let tupdesc = (*data.tg_relation).rd_att;
+        let reader = pg_sys::tuplestore_alloc_read_pointer(store, 0);
+        pg_sys::tuplestore_select_read_pointer(store, reader);
+        pg_sys::tuplestore_rescan(store);
+        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+        if !pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+            errors::internal("reading the inserted row", "empty transition table");
+        }
+        let mut should_free = false;
+        let htup = pg_sys::ExecFetchSlotHeapTuple(slot, true, &mut should_free);
+        let tuple = PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(tupdesc), htup);
+        let call = OneCall {
+            user: tuple
+                .get_by_name::<Uuid>("user_id")
+                .unwrap_or_else(|_| missing_field("user_id"))
+                .unwrap_or_else(|| missing_field("user_id")),
+            created_at: tuple
+                .get_by_name::<TimestampWithTimeZone>("created_at")
+                .unwrap_or_else(|_| missing_field("created_at"))
+                .unwrap_or_else(|| missing_field("created_at")),
+            model: tuple
+                .get_by_name::<String>("model_used")
+                .unwrap_or_else(|_| missing_field("model_used")),
+            key: tuple
+                .get_by_name::<Uuid>("shared_key_id")
+                .unwrap_or_else(|_| missing_field("shared_key_id")),
+            tokens: tuple
+                .get_by_name::<i32>("tokens_used")
+                .unwrap_or_else(|_| missing_field("tokens_used"))
+                .map_or(0, i64::from),
+            cost: tuple
+                .get_by_name::<AnyNumeric>("cost_estimate")
+                .unwrap_or_else(|_| missing_field("cost_estimate"))
+                .unwrap_or_default(),
+            successful: i32::from(
+                tuple
+                    .get_by_name::<bool>("success")
+                    .unwrap_or_else(|_| missing_field("success"))
+                    .unwrap_or(false),
+            ),
+        };
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        call
+    }
+}
+
+fn missing_field<T>(name: &str) -> T {
+    errors::internal("reading the inserted row", name)
+}
+
+/// The business day of an instant: days since 2000-01-01 in `timezone`.
+fn business_day(at: TimestampWithTimeZone, timezone: &str) -> i32 {
+    // SAFETY: timestamptz_zone(text, timestamptz) is a plain builtin.
+    let local: Timestamp = unsafe {
+        pgrx::direct_function_call(
+            pg_sys::timestamptz_zone,
+            &[timezone.into_datum(), at.into_datum()],
+        )
+    }
+    .unwrap_or_else(|| errors::internal("converting to the business time zone", timezone));
+    let micros: i64 = pg_sys::Timestamp::from(local);
+    i32::try_from(micros.div_euclid(86_400_000_000))
+        .unwrap_or_else(|e| errors::internal("computing the business day", e))
+}
+
+/// A single-row INSERT: one upsert (immediate) or one appended row (deferred),
+/// without a grouping query.
+fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &FoldConfig) {
+    let call = read_one_call(trigger);
+    let day = business_day(call.created_at, &config.timezone);
+    if config.deferred {
+        let args = [
+            PgOid::from(pg_sys::UUIDOID),
+            PgOid::from(pg_sys::INT4OID),
+            PgOid::from(pg_sys::TEXTOID),
+            PgOid::from(pg_sys::UUIDOID),
+            PgOid::from(pg_sys::INT4OID),
+            PgOid::from(pg_sys::INT8OID),
+            PgOid::from(pg_sys::NUMERICOID),
+            PgOid::from(pg_sys::TIMESTAMPTZOID),
+        ];
+        with_plan(
+            &APPEND1,
+            client,
+            &|| APPEND_ONE.to_string(),
+            &args,
+            true,
+            |plan| {
+                client
+                    .select(
+                        plan,
+                        None,
+                        &[
+                            call.user.into(),
+                            day.into(),
+                            call.model.into(),
+                            call.key.into(),
+                            call.successful.into(),
+                            call.tokens.into(),
+                            call.cost.into(),
+                            call.created_at.into(),
+                        ],
+                    )
+                    .unwrap_or_else(|e| errors::internal("appending to pending_deltas", e));
+            },
+        );
+        return;
+    }
+    let cost = BigDecimal::from_str(&call.cost.to_string())
+        .unwrap_or_else(|e| errors::internal("reading a cost", e));
+    let mut delta = DayDelta::default();
+    delta.apply(
+        &GroupRow {
+            model: call.model,
+            key: call.key.map(|k| k.to_string()),
+            calls: 1,
+            successful: i64::from(call.successful),
+            tokens: call.tokens,
+            cost,
+            last_at_micros: Some(
+                pg_sys::TimestampTz::from(call.created_at) + PG_EPOCH_OFFSET_MICROS,
+            ),
+        },
+        false,
+    );
+    let args = [
+        PgOid::from(pg_sys::UUIDOID),
+        PgOid::from(pg_sys::INT4OID),
+        PgOid::from(pg_sys::JSONBOID),
+    ];
+    with_plan(
+        &UPSERT1,
+        client,
+        &|| UPSERT_ONE.to_string(),
+        &args,
+        true,
+        |plan| {
+            client
+                .select(
+                    plan,
+                    None,
+                    &[
+                        call.user.into(),
+                        day.into(),
+                        JsonB(delta.to_document()).into(),
+                    ],
+                )
+                .unwrap_or_else(|e| errors::internal("writing a daily row", e));
+        },
+    );
+}
+
+/// Microseconds from 1970-01-01 to 2000-01-01 (Postgres timestamps count from 2000).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// The trigger function. Created by hand in `sql/fold.sql` (it pins its
 /// search_path) and attached to `key_usage_logs` for INSERT, UPDATE and DELETE.
@@ -319,20 +561,31 @@ fn fold_key_usage_logs<'a>(
             errors::internal("registering transition tables", rc);
         }
 
-        if appends_to_pending(client, trigger, has_old) {
-            with_plan(
-                &APPEND,
-                client,
-                &|| APPEND_PENDING.to_string(),
-                &[],
-                true,
-                |plan| {
-                    client
-                        .select(plan, None, &[])
-                        .unwrap_or_else(|e| errors::internal("appending to pending_deltas", e));
-                },
-            );
-            return;
+        let new_rows = if has_new { new_row_count(trigger) } else { 0 };
+        if !has_old && new_rows <= DEFERRED_MAX_ROWS {
+            if new_rows == 0 {
+                return;
+            }
+            let config = fold_config(client);
+            if new_rows == 1 {
+                fold_one_call(client, trigger, &config);
+                return;
+            }
+            if config.deferred {
+                with_plan(
+                    &APPEND,
+                    client,
+                    &|| APPEND_PENDING.to_string(),
+                    &[],
+                    true,
+                    |plan| {
+                        client
+                            .select(plan, None, &[])
+                            .unwrap_or_else(|e| errors::internal("appending to pending_deltas", e));
+                    },
+                );
+                return;
+            }
         }
 
         let mut rows = Vec::new();
@@ -571,4 +824,23 @@ fn fold_correct(
         Ok(v) => JsonB(v),
         Err(e) => errors::corrupt_daily_row(&e, &user_id, day.to_pg_epoch_days()),
     }
+}
+
+/// Announces a change of usage_agg.config to every backend (a relcache
+/// invalidation of the table), so that their cached copies are dropped.
+#[pg_trigger(sql = "
+CREATE FUNCTION usage_agg._config_changed() RETURNS trigger
+    LANGUAGE c
+    SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn config_changed<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    // SAFETY: tg_relation is the table the trigger fired on.
+    unsafe {
+        let relid = (*trigger.trigger_data().tg_relation).rd_id;
+        pg_sys::CacheInvalidateRelcacheByRelid(relid);
+    }
+    Ok(None)
 }

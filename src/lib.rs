@@ -20,7 +20,7 @@ extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!(
     "../sql/fold.sql",
     name = "fold_triggers",
-    requires = ["schema", fold::fold_key_usage_logs]
+    requires = ["schema", fold::fold_key_usage_logs, fold::config_changed]
 );
 extension_sql_file!("../sql/verify.sql", name = "verify", requires = ["schema"]);
 extension_sql_file!("../sql/quotas.sql", name = "quotas", requires = ["schema"]);

@@ -445,3 +445,44 @@ fn extension_tables_are_registered_for_pg_dump() {
         )
     );
 }
+
+#[test]
+fn a_config_change_reaches_sessions_that_cached_it() {
+    let db = TestDb::new("config_cache");
+    let mut a = db.connect();
+    let mut b = db.connect();
+    let insert = "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate, created_at)
+                  VALUES ('cccccccc-0000-0000-0000-000000000001', 1, '2026-03-01 20:00+00')";
+    // Session a folds (and caches the UTC configuration) ...
+    a.batch_execute(insert).unwrap();
+    // ... session b moves the business day to Shanghai (UTC+8) and deferred mode ...
+    b.batch_execute(
+        "UPDATE usage_agg.config SET timezone = 'Asia/Shanghai', fold_mode = 'deferred'",
+    )
+    .unwrap();
+    // ... and a's next single-row insert uses both.
+    a.batch_execute(insert).unwrap();
+    assert_eq!(
+        scalar_text(
+            &mut a,
+            "SELECT string_agg(day::text, ',') FROM usage_agg.pending_deltas"
+        ),
+        Some("2026-03-02".to_string())
+    );
+    // Inside a transaction the change is seen by the very next statement.
+    a.batch_execute(&format!(
+        "BEGIN; UPDATE usage_agg.config SET fold_mode = 'immediate', timezone = 'UTC'; {insert}; COMMIT;"
+    ))
+    .unwrap();
+    assert_eq!(
+        scalar_text(
+            &mut a,
+            "SELECT string_agg(date::text || '=' || (log_data->>'api_call_count'), ',' ORDER BY date) FROM usage_agg.daily_logs"
+        ),
+        Some("2026-03-01=2".to_string())
+    );
+    assert_eq!(
+        scalar_i64(&mut a, "SELECT count(*) FROM usage_agg.pending_deltas"),
+        1
+    );
+}
