@@ -125,6 +125,22 @@ fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
         ),
         Some("0.1.0".to_string())
     );
+    // This connection runs the new library against the 0.1.0 catalog (the window
+    // between installing the new version and ALTER EXTENSION ... UPDATE): inserts,
+    // corrections and quota calls keep working and stay exact.
+    old.batch_execute(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, model_used, cost_estimate) VALUES ('f0000000-0000-0000-0000-000000000002', 'new-lib', 0.5);
+         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate)
+         SELECT 'f0000000-0000-0000-0000-000000000002', 0.25 FROM generate_series(1, 3);
+         UPDATE usage_agg.key_usage_logs SET cost_estimate = 0.75 WHERE model_used = 'new-lib';
+         DELETE FROM usage_agg.key_usage_logs WHERE request_id = 'req-6';
+         SELECT usage_agg.consume_quota('f0000000-0000-0000-0000-000000000002', 1, NULL, 'window');",
+    )
+    .unwrap();
+    assert_eq!(
+        verify(&mut old, "2000-01-01", "2100-01-01"),
+        Vec::<String>::new()
+    );
     let before = data_fingerprint(&mut old);
     assert_eq!(before.len(), 9);
     assert!(
