@@ -30,6 +30,11 @@ ua_psql "$PORT" usage_agg_upgrade -f "$UA_ROOT/tests/upgrade/write_v0.1.0_data.s
 export USAGE_AGG_UPGRADE_PORT="$PORT"
 
 ua_install_extension
+# A second cluster for tests/crash.rs, which kills its server with SIGKILL.
+CRASH_PORT=$((PORT + 2))
+ua_cluster_start crash "$CRASH_PORT"
+trap 'ua_cluster_stop itest; ua_cluster_stop crash' EXIT
+export USAGE_AGG_CRASH_PORT="$CRASH_PORT"
 ua_log "integration tests against a live cluster on port ${PORT}"
 export USAGE_AGG_TEST_DSN="host=127.0.0.1 port=${PORT} user=postgres dbname=usage_agg_test"
 export USAGE_AGG_TEST_PORT="$PORT"

@@ -203,6 +203,9 @@ DECLARE
     v_n bigint;
     v_days_total integer;
     v_started timestamptz := clock_timestamp();
+    v_tz text;
+    v_first date;
+    v_last date;
 BEGIN
     PERFORM usage_agg._check_day_range(p_from, p_to);
     -- Days whose detail has expired keep their aggregates: rebuilding them from
@@ -218,6 +221,24 @@ BEGIN
     -- Hold detail writers off while recomputing, so no fold can interleave with the
     -- recomputation of a day (reads keep working).
     LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
+    -- Only days that hold something need work, so that a range of centuries
+    -- costs no more than the days in it that have data.
+    v_tz := usage_agg._timezone();
+    v_first := least(
+        (SELECT (min(k.created_at) AT TIME ZONE v_tz)::date FROM usage_agg.key_usage_logs k
+          WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
+        (SELECT min(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
+        (SELECT min(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to));
+    v_last := greatest(
+        (SELECT (max(k.created_at) AT TIME ZONE v_tz)::date FROM usage_agg.key_usage_logs k
+          WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
+        (SELECT max(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
+        (SELECT max(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to));
+    IF v_first IS NULL THEN
+        RETURN 0;
+    END IF;
+    p_from := greatest(p_from, v_first);
+    p_to := least(p_to, v_last);
     v_days_total := p_to - p_from + 1;
     v_day := p_from;
     WHILE v_day <= p_to LOOP
@@ -489,3 +510,268 @@ CREATE FUNCTION usage_agg._config_changed() RETURNS trigger
 CREATE TRIGGER config_changed
     AFTER INSERT OR UPDATE ON usage_agg.config
     FOR EACH STATEMENT EXECUTE FUNCTION usage_agg._config_changed();
+
+-- After restoring a pg_dump of a database using usage_agg: restoring the detail
+-- fires the fold on top of the restored daily_logs, so every day that has
+-- detail is recomputed from it (keeping application keys; pending calls of those
+-- days are dropped, they are in the detail). Returns the rows rewritten.
+CREATE FUNCTION usage_agg.post_restore()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz text := usage_agg._timezone();
+    v_from date;
+    v_to date;
+BEGIN
+    SELECT (min(k.created_at) AT TIME ZONE v_tz)::date, (max(k.created_at) AT TIME ZONE v_tz)::date
+      INTO v_from, v_to
+      FROM usage_agg.key_usage_logs k;
+    IF v_from IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN usage_agg.rebuild_daily_logs(v_from, v_to);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.post_restore() IS
+    'Run once after restoring a pg_dump: recomputes the aggregates of every day with detail (the restore folded the detail a second time)';
+
+-- Moving in from a hand-written setup: a detail table and a daily JSONB table
+-- kept by a PL/pgSQL trigger, usually in public.
+
+CREATE FUNCTION usage_agg._require_columns(rel regclass, wanted text[], what text) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_missing text[];
+BEGIN
+    SELECT array_agg(w ORDER BY w) INTO v_missing
+      FROM unnest(wanted) w
+     WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                        WHERE a.attrelid = rel AND a.attname = w AND a.attnum > 0 AND NOT a.attisdropped);
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'usage_agg: the % table % has no column %', what, rel, array_to_string(v_missing, ', ')
+            USING ERRCODE = 'undefined_column',
+                  HINT = format('The %s table needs the columns %s.', what, array_to_string(wanted, ', '));
+    END IF;
+END;
+$$;
+
+-- A backup copy of a table next to it (kept when it exists: reruns keep the
+-- first backup).
+CREATE FUNCTION usage_agg._backup_table(rel regclass) RETURNS regclass
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_schema name;
+    v_name name;
+    v_backup regclass;
+BEGIN
+    SELECT n.nspname, left(c.relname, 40) || '_backup_usage_agg'
+      INTO v_schema, v_name
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel;
+    v_backup := to_regclass(format('%I.%I', v_schema, v_name));
+    IF v_backup IS NULL THEN
+        EXECUTE format('CREATE TABLE %I.%I AS TABLE %s', v_schema, v_name, rel);
+        v_backup := to_regclass(format('%I.%I', v_schema, v_name));
+    END IF;
+    RETURN v_backup;
+END;
+$$;
+
+CREATE FUNCTION usage_agg.import_legacy(detail regclass, daily regclass)
+RETURNS TABLE (detail_rows_copied bigint, detail_rows_already_there bigint,
+               daily_rows_merged bigint, daily_rows_copied bigint,
+               detail_backup regclass, daily_backup regclass)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_columns text;
+    v_total bigint;
+    v_copied bigint;
+    v_tz text := usage_agg._timezone();
+    v_first date;
+    v_with_detail bigint := 0;
+    v_n bigint;
+    v_copied_days bigint := 0;
+    v_bad bigint;
+    v_detail_backup regclass;
+    v_daily_backup regclass;
+BEGIN
+    IF detail IS NULL OR daily IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: import_legacy needs the detail and the daily table'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'For example: SELECT * FROM usage_agg.import_legacy(''public.key_usage_logs'', ''public.daily_logs'');';
+    END IF;
+    IF detail IN ('usage_agg.key_usage_logs'::regclass, 'usage_agg.daily_logs'::regclass)
+       OR daily IN ('usage_agg.key_usage_logs'::regclass, 'usage_agg.daily_logs'::regclass) THEN
+        RAISE EXCEPTION 'usage_agg: import_legacy imports from tables of your own, not from usage_agg''s'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM usage_agg._require_columns(detail, ARRAY['user_id', 'created_at'], 'detail');
+    PERFORM usage_agg._require_columns(daily, ARRAY['user_id', 'date', 'log_data'], 'daily');
+
+    -- Nothing of the old tables is dropped or changed: they are copied aside first.
+    v_detail_backup := usage_agg._backup_table(detail);
+    v_daily_backup := usage_agg._backup_table(daily);
+
+    -- 1. The detail, every column the two tables share. The fold computes the
+    --    aggregates from it; a row already imported (same id or request_id) is
+    --    skipped, so a rerun counts nothing twice.
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO v_columns
+      FROM pg_attribute a
+     WHERE a.attrelid = 'usage_agg.key_usage_logs'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND EXISTS (SELECT 1 FROM pg_attribute l
+                    WHERE l.attrelid = detail AND l.attname = a.attname AND l.attnum > 0 AND NOT l.attisdropped);
+    EXECUTE format('SELECT count(*) FROM %s', detail) INTO v_total;
+    EXECUTE format('INSERT INTO usage_agg.key_usage_logs (%s) SELECT %s FROM %s ORDER BY created_at ON CONFLICT DO NOTHING',
+                   v_columns, v_columns, detail);
+    GET DIAGNOSTICS v_copied = ROW_COUNT;
+    PERFORM usage_agg.apply_pending_deltas();
+
+    -- 2. The daily rows. Days from the first day of the detail on keep the
+    --    aggregates the fold computed from it and take only the application's
+    --    keys from the old row; earlier days (their detail expired) are copied as
+    --    they are, once.
+    EXECUTE format('SELECT (min(created_at) AT TIME ZONE $1)::date FROM %s', detail)
+       INTO v_first USING v_tz;
+    EXECUTE format('SELECT count(*) FROM %s WHERE jsonb_typeof(log_data) IS DISTINCT FROM ''object''', daily) INTO v_bad;
+    IF v_bad > 0 THEN
+        RAISE EXCEPTION 'usage_agg: % rows of % have a log_data that is not a JSON object', v_bad, daily
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Fix or delete those rows, then run import_legacy again; nothing was imported.';
+    END IF;
+    IF v_first IS NOT NULL THEN
+        EXECUTE format(
+            'INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+             SELECT l.user_id, l.date, usage_agg._replace_owned(l.log_data, usage_agg._empty_log_data()), now()
+               FROM %s l WHERE l.date >= $1
+             ON CONFLICT (user_id, date) DO UPDATE
+                SET log_data = usage_agg._replace_owned(EXCLUDED.log_data, d.log_data)
+              WHERE d.log_data IS DISTINCT FROM usage_agg._replace_owned(EXCLUDED.log_data, d.log_data)', daily)
+        USING v_first;
+        EXECUTE format('SELECT count(*) FROM %s l WHERE l.date >= $1', daily) INTO v_with_detail USING v_first;
+    END IF;
+    EXECUTE format(
+        'INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
+         SELECT l.user_id, l.date, l.log_data, now()
+           FROM %s l WHERE $1::date IS NULL OR l.date < $1
+         ON CONFLICT (user_id, date) DO NOTHING', daily)
+    USING v_first;
+    GET DIAGNOSTICS v_copied_days = ROW_COUNT;
+
+    RAISE NOTICE 'usage_agg.import_legacy: % of % detail rows copied, % daily rows merged with detail, % copied as they were; backups % and %',
+        v_copied, v_total, v_with_detail, v_copied_days, v_detail_backup, v_daily_backup;
+    RETURN QUERY SELECT v_copied, v_total - v_copied, v_with_detail, v_copied_days, v_detail_backup, v_daily_backup;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.import_legacy(regclass, regclass) IS
+    'Moves a hand-written setup in: copies its detail (folded once), merges its daily rows keeping application keys, backs both tables up; all or nothing, safe to rerun';
+REVOKE EXECUTE ON FUNCTION usage_agg.import_legacy(regclass, regclass) FROM PUBLIC;
+
+-- Least privilege.
+--
+-- An application role needs INSERT on key_usage_logs and EXECUTE on the quota
+-- functions; it never writes aggregates or quotas itself. The functions that
+-- write on its behalf therefore run as the extension's owner (SECURITY DEFINER);
+-- each of them pins its search_path and qualifies every name, so the caller's
+-- search_path cannot redirect them. Maintenance and administration functions
+-- are not executable by PUBLIC. usage_agg.grant_app_role(role) and
+-- usage_agg.grant_read_role(role) hand out exactly the rest.
+
+ALTER FUNCTION usage_agg.fold_key_usage_logs() SECURITY DEFINER;
+ALTER FUNCTION usage_agg.consume_quota(uuid, integer, text, text, integer) SECURITY DEFINER;
+ALTER FUNCTION usage_agg.try_consume_quota(uuid, integer, text, text, integer) SECURITY DEFINER;
+ALTER FUNCTION usage_agg.refund_quota(text) SECURITY DEFINER;
+ALTER FUNCTION usage_agg.quota_status(uuid) SECURITY DEFINER;
+
+REVOKE EXECUTE ON FUNCTION
+    usage_agg.consume_quota(uuid, integer, text, text, integer),
+    usage_agg.try_consume_quota(uuid, integer, text, text, integer),
+    usage_agg.refund_quota(text),
+    usage_agg.quota_status(uuid),
+    usage_agg.set_membership(uuid, text),
+    usage_agg.reset_expired_quotas(),
+    usage_agg.cleanup_old_key_usage_logs(interval),
+    usage_agg.cleanup_old_daily_logs(interval),
+    usage_agg.run_maintenance(),
+    usage_agg.schedule_maintenance(text),
+    usage_agg.unschedule_maintenance(),
+    usage_agg.rebuild_daily_logs(date, date),
+    usage_agg.apply_pending_deltas(integer),
+    usage_agg.post_restore()
+FROM PUBLIC;
+
+-- Views read with the privileges (and row-level security policies) of whoever
+-- queries them, not of their owner.
+ALTER VIEW usage_agg.daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.daily_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.daily_usage_by_key SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage_by_key SET (security_invoker = true);
+ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
+
+CREATE FUNCTION usage_agg._check_role(role_name name) RETURNS void
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF role_name IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: role_name must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = role_name) THEN
+        RAISE EXCEPTION 'usage_agg: role "%" does not exist', role_name
+            USING ERRCODE = 'undefined_object',
+                  HINT = format('Create it first, for example: CREATE ROLE %I LOGIN PASSWORD ''...'';', role_name);
+    END IF;
+END;
+$$;
+
+-- Read access: the aggregates, the detail, quotas, plans, settings, the BI views,
+-- the read functions and quota_status.
+CREATE FUNCTION usage_agg.grant_read_role(role_name name) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg._check_role(role_name);
+    -- Identifiers go through %I (quote_ident); GRANT takes no parameters.
+    EXECUTE format('GRANT USAGE ON SCHEMA usage_agg TO %I', role_name);
+    EXECUTE format('GRANT SELECT ON usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs,
+                           usage_agg.pending_deltas, usage_agg.config, usage_agg.retention_horizon,
+                           usage_agg.quota_plans, usage_agg.quotas, usage_agg.quota_usage_logs,
+                           usage_agg.maintenance_runs, usage_agg.maintenance_health,
+                           usage_agg.daily_usage, usage_agg.monthly_usage,
+                           usage_agg.daily_usage_by_model, usage_agg.daily_usage_by_key,
+                           usage_agg.monthly_usage_by_model, usage_agg.monthly_usage_by_key
+                    TO %I', role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.quota_status(uuid) TO %I', role_name);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.grant_read_role(name) IS
+    'Lets a role read usage_agg tables and views and call the read functions and quota_status';
+
+-- An application: read access, plus inserting calls and consuming quota.
+CREATE FUNCTION usage_agg.grant_app_role(role_name name) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg.grant_read_role(role_name);
+    EXECUTE format('GRANT INSERT ON usage_agg.key_usage_logs TO %I', role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.consume_quota(uuid, integer, text, text, integer),
+                           usage_agg.try_consume_quota(uuid, integer, text, text, integer),
+                           usage_agg.refund_quota(text)
+                    TO %I', role_name);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.grant_app_role(name) IS
+    'Lets an application role insert into key_usage_logs, consume and refund quota, and read; it cannot write aggregates, quotas or config, nor run maintenance';
+
+REVOKE EXECUTE ON FUNCTION usage_agg.grant_read_role(name), usage_agg.grant_app_role(name) FROM PUBLIC;

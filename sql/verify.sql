@@ -202,6 +202,9 @@ DECLARE
     v_n bigint;
     v_days_total integer;
     v_started timestamptz := clock_timestamp();
+    v_tz text;
+    v_first date;
+    v_last date;
 BEGIN
     PERFORM usage_agg._check_day_range(p_from, p_to);
     -- Days whose detail has expired keep their aggregates: rebuilding them from
@@ -217,6 +220,24 @@ BEGIN
     -- Hold detail writers off while recomputing, so no fold can interleave with the
     -- recomputation of a day (reads keep working).
     LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
+    -- Only days that hold something need work, so that a range of centuries
+    -- costs no more than the days in it that have data.
+    v_tz := usage_agg._timezone();
+    v_first := least(
+        (SELECT (min(k.created_at) AT TIME ZONE v_tz)::date FROM usage_agg.key_usage_logs k
+          WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
+        (SELECT min(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
+        (SELECT min(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to));
+    v_last := greatest(
+        (SELECT (max(k.created_at) AT TIME ZONE v_tz)::date FROM usage_agg.key_usage_logs k
+          WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
+        (SELECT max(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
+        (SELECT max(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to));
+    IF v_first IS NULL THEN
+        RETURN 0;
+    END IF;
+    p_from := greatest(p_from, v_first);
+    p_to := least(p_to, v_last);
     v_days_total := p_to - p_from + 1;
     v_day := p_from;
     WHILE v_day <= p_to LOOP
@@ -257,3 +278,29 @@ $$;
 
 COMMENT ON FUNCTION usage_agg.rebuild_daily_logs(date, date) IS
     'Recomputes the usage_agg-owned fields of daily_logs in a day range from key_usage_logs, keeping application keys; returns rows written';
+
+-- After restoring a pg_dump of a database using usage_agg: restoring the detail
+-- fires the fold on top of the restored daily_logs, so every day that has
+-- detail is recomputed from it (keeping application keys; pending calls of those
+-- days are dropped, they are in the detail). Returns the rows rewritten.
+CREATE FUNCTION usage_agg.post_restore()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz text := usage_agg._timezone();
+    v_from date;
+    v_to date;
+BEGIN
+    SELECT (min(k.created_at) AT TIME ZONE v_tz)::date, (max(k.created_at) AT TIME ZONE v_tz)::date
+      INTO v_from, v_to
+      FROM usage_agg.key_usage_logs k;
+    IF v_from IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN usage_agg.rebuild_daily_logs(v_from, v_to);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.post_restore() IS
+    'Run once after restoring a pg_dump: recomputes the aggregates of every day with detail (the restore folded the detail a second time)';

@@ -34,6 +34,12 @@ extension_sql_file!(
     name = "reads",
     requires = ["schema", "quotas", "retention"]
 );
+extension_sql_file!(
+    "../sql/import.sql",
+    name = "import",
+    requires = ["schema", "verify", fold::apply_pending_deltas]
+);
+extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;
