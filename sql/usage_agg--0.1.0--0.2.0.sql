@@ -664,6 +664,14 @@ BEGIN
     USING v_first;
     GET DIAGNOSTICS v_copied_days = ROW_COUNT;
 
+    -- Days before the first day of the old detail have none any more: like days
+    -- the retention cleanup expired, verify_daily_logs skips them and
+    -- rebuild_daily_logs leaves them alone.
+    IF v_first IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM usage_agg.key_usage_logs k WHERE k.created_at < usage_agg._day_start(v_first, v_tz)) THEN
+        UPDATE usage_agg.retention_horizon SET detail_kept_from = greatest(detail_kept_from, v_first);
+    END IF;
+
     RAISE NOTICE 'usage_agg.import_legacy: % of % detail rows copied, % daily rows merged with detail, % copied as they were; backups % and %',
         v_copied, v_total, v_with_detail, v_copied_days, v_detail_backup, v_daily_backup;
     RETURN QUERY SELECT v_copied, v_total - v_copied, v_with_detail, v_copied_days, v_detail_backup, v_daily_backup;

@@ -41,8 +41,9 @@ fn cluster(action: &str) {
 fn storm(mode: &str) {
     let mut admin = Client::connect(&crash_dsn("postgres"), NoTls).unwrap();
     admin
-        .batch_execute("DROP DATABASE IF EXISTS crash WITH (FORCE); CREATE DATABASE crash")
+        .batch_execute("DROP DATABASE IF EXISTS crash WITH (FORCE)")
         .unwrap();
+    admin.batch_execute("CREATE DATABASE crash").unwrap();
     let mut c = Client::connect(&crash_dsn("crash"), NoTls).unwrap();
     c.batch_execute(&format!(
         "CREATE EXTENSION usage_agg; UPDATE usage_agg.config SET fold_mode = '{mode}';

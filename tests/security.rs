@@ -175,7 +175,7 @@ fn a_hostile_search_path_changes_nothing() {
              INSERT INTO evil.config VALUES ('Pacific/Kiritimati', 'deferred');
              CREATE FUNCTION evil.now() RETURNS timestamptz LANGUAGE sql
                  AS $$ INSERT INTO evil.calls VALUES ('now') RETURNING '2001-01-01'::timestamptz $$;
-             CREATE FUNCTION evil.jsonb_build_object(VARIADIC \"any\") RETURNS jsonb LANGUAGE sql
+             CREATE FUNCTION evil.jsonb_build_object(VARIADIC text[]) RETURNS jsonb LANGUAGE sql
                  AS $$ INSERT INTO evil.calls VALUES ('jsonb_build_object') RETURNING '{}'::jsonb $$;
              CREATE FUNCTION evil.coalesce_text(text, text) RETURNS text LANGUAGE sql AS $$ SELECT 'x' $$;
              CREATE FUNCTION evil.int_plus(integer, integer) RETURNS integer LANGUAGE sql
@@ -249,15 +249,15 @@ ALTER TABLE usage_agg.pending_deltas ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_agg.quotas ENABLE ROW LEVEL SECURITY;
 ALTER TABLE usage_agg.quota_usage_logs ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_rows ON usage_agg.daily_logs FOR SELECT TO ua_test_end_users
-    USING (user_id = current_setting('app.user_id', true)::uuid);
+    USING (user_id = nullif(current_setting('app.user_id', true), '')::uuid);
 CREATE POLICY own_rows ON usage_agg.monthly_logs FOR SELECT TO ua_test_end_users
-    USING (user_id = current_setting('app.user_id', true)::uuid);
+    USING (user_id = nullif(current_setting('app.user_id', true), '')::uuid);
 CREATE POLICY own_rows ON usage_agg.pending_deltas FOR SELECT TO ua_test_end_users
-    USING (user_id = current_setting('app.user_id', true)::uuid);
+    USING (user_id = nullif(current_setting('app.user_id', true), '')::uuid);
 CREATE POLICY own_rows ON usage_agg.quotas FOR SELECT TO ua_test_end_users
-    USING (user_id = current_setting('app.user_id', true)::uuid);
+    USING (user_id = nullif(current_setting('app.user_id', true), '')::uuid);
 CREATE POLICY own_rows ON usage_agg.quota_usage_logs FOR SELECT TO ua_test_end_users
-    USING (user_id = current_setting('app.user_id', true)::uuid);
+    USING (user_id = nullif(current_setting('app.user_id', true), '')::uuid);
 -- the application role itself still reads every user
 CREATE POLICY app_reads_all ON usage_agg.daily_logs FOR SELECT TO ua_test_rls_app USING (true);
 CREATE POLICY app_reads_all ON usage_agg.monthly_logs FOR SELECT TO ua_test_rls_app USING (true);

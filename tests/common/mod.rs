@@ -92,12 +92,12 @@ pub fn group_by_mismatches(c: &mut Client) -> i64 {
 
 pub fn scalar_i64(c: &mut Client, sql: &str) -> i64 {
     c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .get(0)
 }
 
 pub fn scalar_text(c: &mut Client, sql: &str) -> Option<String> {
     c.query_one(sql, &[])
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .get(0)
 }
