@@ -211,6 +211,25 @@ fn with_plan<R>(
     })
 }
 
+/// Runs a kept statement (prepared on first use) with `args`; a failure is an
+/// internal error saying what was being done.
+#[allow(clippy::too_many_arguments)]
+fn run_kept<'conn>(
+    cell: &'static std::thread::LocalKey<OnceCell<OwnedPreparedStatement>>,
+    client: &SpiClient<'conn>,
+    sql: &dyn Fn() -> String,
+    types: &[PgOid],
+    mutating: bool,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    what: &str,
+) -> pgrx::spi::SpiTupleTable<'conn> {
+    with_plan(cell, client, sql, types, mutating, |plan| {
+        client
+            .select(plan, None, args)
+            .unwrap_or_else(|e| errors::internal(what, e))
+    })
+}
+
 type Key = (Uuid, i32);
 
 /// Turns the rows of a group query (columns as in `GROUP_COLUMNS`) into
@@ -265,19 +284,16 @@ fn read_groups(
     removed: bool,
     out: &mut Vec<(Key, GroupRow, bool)>,
 ) {
-    with_plan(
+    let rows = run_kept(
         cell,
         client,
         &|| grouping_query(table, removed),
         &[],
         false,
-        |plan| {
-            let rows = client
-                .select(plan, None, &[])
-                .unwrap_or_else(|e| errors::internal("reading the statement's rows", e));
-            collect_groups(rows, removed, out);
-        },
+        &[],
+        "reading the statement's rows",
     );
+    collect_groups(rows, removed, out);
 }
 
 /// This backend's copy of the settings in usage_agg.config. Dropped when the
@@ -314,41 +330,35 @@ fn fold_config(client: &SpiClient<'_>) -> FoldConfig {
     if let Some(cached) = CONFIG.with(|c| c.borrow().clone()) {
         return cached;
     }
-    let (config, oid, cacheable) = with_plan(
+    let row = run_kept(
         &CONFIG_PLAN,
         client,
         &|| READ_CONFIG.to_string(),
         &[],
         false,
-        |plan| {
-            let row = client
-                .select(plan, None, &[])
-                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
-                .first();
-            let timezone = row
-                .get::<String>(1)
-                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
-                .unwrap_or_else(|| "UTC".to_string());
-            let deferred = row
-                .get::<bool>(2)
-                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
-                .unwrap_or(false);
-            let oid = row
-                .get::<pg_sys::Oid>(3)
-                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
-                .unwrap_or(pg_sys::InvalidOid);
-            let cacheable = row
-                .get::<bool>(4)
-                .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
-                .unwrap_or(false);
-            (FoldConfig { timezone, deferred }, oid, cacheable)
-        },
-    );
+        &[],
+        "reading usage_agg.config",
+    )
+    .first();
+    let config = FoldConfig {
+        timezone: config_column::<String>(&row, 1).unwrap_or_else(|| "UTC".to_string()),
+        deferred: config_column::<bool>(&row, 2).unwrap_or(false),
+    };
+    let oid = config_column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
+    let cacheable = config_column::<bool>(&row, 4).unwrap_or(false);
     if cacheable {
         CONFIG_OID.with(|o| o.set(oid));
         CONFIG.with(|c| c.replace(Some(config.clone())));
     }
     config
+}
+
+fn config_column<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    row: &pgrx::spi::SpiTupleTable<'_>,
+    ordinal: usize,
+) -> Option<T> {
+    row.get::<T>(ordinal)
+        .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
 }
 
 /// Number of rows in the statement's NEW transition table (0 without one).
@@ -460,30 +470,23 @@ fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &F
             PgOid::from(pg_sys::NUMERICOID),
             PgOid::from(pg_sys::TIMESTAMPTZOID),
         ];
-        with_plan(
+        run_kept(
             &APPEND1,
             client,
             &|| APPEND_ONE.to_string(),
             &args,
             true,
-            |plan| {
-                client
-                    .select(
-                        plan,
-                        None,
-                        &[
-                            call.user.into(),
-                            day.into(),
-                            call.model.into(),
-                            call.key.into(),
-                            call.successful.into(),
-                            call.tokens.into(),
-                            call.cost.into(),
-                            call.created_at.into(),
-                        ],
-                    )
-                    .unwrap_or_else(|e| errors::internal("appending to pending_deltas", e));
-            },
+            &[
+                call.user.into(),
+                day.into(),
+                call.model.into(),
+                call.key.into(),
+                call.successful.into(),
+                call.tokens.into(),
+                call.cost.into(),
+                call.created_at.into(),
+            ],
+            "appending to pending_deltas",
         );
         return;
     }
@@ -509,25 +512,18 @@ fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &F
         PgOid::from(pg_sys::INT4OID),
         PgOid::from(pg_sys::JSONBOID),
     ];
-    with_plan(
+    run_kept(
         &UPSERT1,
         client,
         &|| UPSERT_ONE.to_string(),
         &args,
         true,
-        |plan| {
-            client
-                .select(
-                    plan,
-                    None,
-                    &[
-                        call.user.into(),
-                        day.into(),
-                        JsonB(delta.to_document()).into(),
-                    ],
-                )
-                .unwrap_or_else(|e| errors::internal("writing a daily row", e));
-        },
+        &[
+            call.user.into(),
+            day.into(),
+            JsonB(delta.to_document()).into(),
+        ],
+        "writing a daily row",
     );
 }
 
@@ -572,17 +568,14 @@ fn fold_key_usage_logs<'a>(
                 return;
             }
             if config.deferred {
-                with_plan(
+                run_kept(
                     &APPEND,
                     client,
                     &|| APPEND_PENDING.to_string(),
                     &[],
                     true,
-                    |plan| {
-                        client
-                            .select(plan, None, &[])
-                            .unwrap_or_else(|e| errors::internal("appending to pending_deltas", e));
-                    },
+                    &[],
+                    "appending to pending_deltas",
                 );
                 return;
             }
@@ -619,28 +612,25 @@ fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<(Key, GroupRow, bool)>)
     if keys.is_empty() {
         return;
     }
-    let has_table = with_plan(
+    let has_table = run_kept(
         &HAS_PENDING,
         client,
         &|| HAS_PENDING_TABLE.to_string(),
         &[],
         false,
-        |plan| {
-            client
-                .select(plan, None, &[])
-                .unwrap_or_else(|e| errors::internal("looking up pending_deltas", e))
-                .first()
-                .get::<bool>(1)
-                .unwrap_or_else(|e| errors::internal("looking up pending_deltas", e))
-                .unwrap_or(false)
-        },
-    );
+        &[],
+        "looking up pending_deltas",
+    )
+    .first()
+    .get::<bool>(1)
+    .unwrap_or_else(|e| errors::internal("looking up pending_deltas", e))
+    .unwrap_or(false);
     if !has_table {
         return;
     }
     let users: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
     let days: Vec<i32> = keys.iter().map(|k| k.1).collect();
-    with_plan(
+    let taken = run_kept(
         &ABSORB,
         client,
         &absorb_pending_sql,
@@ -649,20 +639,17 @@ fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<(Key, GroupRow, bool)>)
             PgOid::from(pg_sys::INT4ARRAYOID),
         ],
         true,
-        |plan| {
-            let taken = client
-                .select(plan, None, &[users.into(), days.into()])
-                .unwrap_or_else(|e| errors::internal("taking pending rows", e));
-            let mut absorbed = Vec::new();
-            collect_groups(taken, false, &mut absorbed);
-            // These calls may be among the removed ones: last_api_call_at is
-            // recomputed from the detail by the correction, not taken from them.
-            rows.extend(absorbed.into_iter().map(|(k, mut g, r)| {
-                g.last_at_micros = None;
-                (k, g, r)
-            }));
-        },
+        &[users.into(), days.into()],
+        "taking pending rows",
     );
+    let mut absorbed = Vec::new();
+    collect_groups(taken, false, &mut absorbed);
+    // These calls may be among the removed ones: last_api_call_at is recomputed
+    // from the detail by the correction, not taken from them.
+    rows.extend(absorbed.into_iter().map(|(k, mut g, r)| {
+        g.last_at_micros = None;
+        (k, g, r)
+    }));
 }
 
 /// Folds up to `max_rows` rows of `usage_agg.pending_deltas` into `daily_logs`
@@ -681,19 +668,16 @@ fn apply_pending_deltas(max_rows: default!(i32, 1000000)) -> i64 {
     }
     Spi::connect_mut(|client| {
         let mut rows = Vec::new();
-        with_plan(
+        let taken = run_kept(
             &TAKE,
             client,
             &take_pending_sql,
             &[PgOid::from(pg_sys::INT4OID)],
             true,
-            |plan| {
-                let taken = client
-                    .select(plan, None, &[max_rows.into()])
-                    .unwrap_or_else(|e| errors::internal("taking pending rows", e));
-                collect_groups(taken, false, &mut rows);
-            },
+            &[max_rows.into()],
+            "taking pending rows",
         );
+        collect_groups(taken, false, &mut rows);
         let applied: i64 = rows.iter().map(|(_, g, _)| g.calls).sum();
         if !rows.is_empty() {
             write_groups(client, logdata::group_rows(rows));
@@ -728,9 +712,7 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
     }
 
     if !fix_users.is_empty() {
-        let users = fix_users.clone();
-        let days = fix_days.clone();
-        with_plan(
+        run_kept(
             &LOCK,
             client,
             &|| LOCK_DAYS.to_string(),
@@ -739,13 +721,10 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
                 PgOid::from(pg_sys::INT4ARRAYOID),
             ],
             true,
-            |plan| {
-                client
-                    .select(plan, None, &[users.into(), days.into()])
-                    .unwrap_or_else(|e| errors::internal("locking daily rows", e));
-            },
+            &[fix_users.clone().into(), fix_days.clone().into()],
+            "locking daily rows",
         );
-        with_plan(
+        run_kept(
             &CORRECT,
             client,
             &|| APPLY_CORRECTIONS.to_string(),
@@ -756,25 +735,18 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
                 PgOid::from(pg_sys::INT8ARRAYOID),
             ],
             true,
-            |plan| {
-                client
-                    .select(
-                        plan,
-                        None,
-                        &[
-                            fix_users.into(),
-                            fix_days.into(),
-                            fix_docs.into(),
-                            fix_removed.into(),
-                        ],
-                    )
-                    .unwrap_or_else(|e| errors::internal("correcting daily rows", e));
-            },
+            &[
+                fix_users.into(),
+                fix_days.into(),
+                fix_docs.into(),
+                fix_removed.into(),
+            ],
+            "correcting daily rows",
         );
     }
 
     if !add_users.is_empty() {
-        with_plan(
+        run_kept(
             &UPSERT,
             client,
             &|| UPSERT_ADDITIONS.to_string(),
@@ -784,15 +756,8 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
                 PgOid::from(pg_sys::JSONBARRAYOID),
             ],
             true,
-            |plan| {
-                client
-                    .select(
-                        plan,
-                        None,
-                        &[add_users.into(), add_days.into(), add_docs.into()],
-                    )
-                    .unwrap_or_else(|e| errors::internal("writing daily rows", e));
-            },
+            &[add_users.into(), add_days.into(), add_docs.into()],
+            "writing daily rows",
         );
     }
 }
