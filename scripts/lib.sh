@@ -63,19 +63,28 @@ ua_install_extension() {
     (cd "$UA_ROOT" && cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
 }
 
+# Released versions and the commits their tags point to, for the upgrade test.
+# The commit is the fallback when a clone came without tags.
+declare -A UA_RELEASE_COMMITS=([v0.1.0]=6387a568072334c02ecc4ca234e2d84e6a092dbb)
+
 # Builds and installs an earlier release from its git tag (for the upgrade test).
 # A target directory of its own: artifacts of two versions of the crate must not mix.
 ua_install_tag() {
-    local tag="$1" dir="${UA_RUN_DIR}/src-$1"
-    if ! git -C "$UA_ROOT" rev-parse -q --verify "refs/tags/$tag" >/dev/null; then
-        ua_log "fetching tag $tag"
-        git -C "$UA_ROOT" fetch --depth=1 origin "refs/tags/$tag:refs/tags/$tag" || {
-            echo "the upgrade test needs git tag $tag: run git fetch --tags" >&2; exit 1; }
+    local tag="$1" dir="${UA_RUN_DIR}/src-$1" rev="$1"
+    local commit="${UA_RELEASE_COMMITS[$tag]}"
+    if ! git -C "$UA_ROOT" rev-parse -q --verify "refs/tags/$tag^{commit}" >/dev/null; then
+        rev="$commit"
+        if ! git -C "$UA_ROOT" cat-file -e "$commit^{commit}" 2>/dev/null; then
+            ua_log "fetching $tag"
+            git -C "$UA_ROOT" fetch --depth=1 origin "refs/tags/$tag:refs/tags/$tag" 2>/dev/null && rev="$tag" \
+                || git -C "$UA_ROOT" fetch --depth=1 origin "$commit" \
+                || { echo "the upgrade test needs $tag (commit $commit): run git fetch --tags" >&2; exit 1; }
+        fi
     fi
     ua_log "building and installing usage_agg $tag (release) for the upgrade test"
     rm -rf "$dir"
     mkdir -p "$dir"
-    git -C "$UA_ROOT" archive "$tag" | tar -x -C "$dir"
+    git -C "$UA_ROOT" archive "$rev" | tar -x -C "$dir"
     local sudo_flag=()
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
     (cd "$dir" && CARGO_TARGET_DIR="$UA_ROOT/target/release-$tag" \
