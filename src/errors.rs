@@ -61,7 +61,6 @@ pub fn internal(what: &str, cause: impl std::fmt::Display) -> ! {
 }
 
 /// A bad argument to a public function (SQLSTATE 22023).
-#[allow(dead_code)]
 pub fn invalid_argument(message: String, detail: String, hint: String) -> ! {
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,

@@ -35,16 +35,21 @@ pub const OLD_ROWS: &str = "usage_agg_old_rows";
 /// computed from the row's own `created_at` in the configured time zone.
 /// Rows removed (`skip_expired`) are counted only from the detail horizon on:
 /// before it the retention cleanup deletes detail whose aggregates must stay.
+/// `$1` is the business time zone (the backend's cached config).
 fn grouping_query(table: &str, skip_expired: bool) -> String {
-    let filter = if skip_expired {
-        "WHERE t.created_at >= tz.kept_from"
+    let (horizon, filter) = if skip_expired {
+        (
+            "CROSS JOIN (SELECT usage_agg._day_start(h.detail_kept_from, $1) AS kept_from
+                           FROM usage_agg.retention_horizon h) hz",
+            "WHERE t.created_at >= hz.kept_from",
+        )
     } else {
-        ""
+        ("", "")
     };
     // `table` is one of the two constants above, never user input.
     format!(
         "SELECT t.user_id,
-                ((t.created_at AT TIME ZONE tz.name)::date - DATE '2000-01-01')::int4,
+                ((t.created_at AT TIME ZONE $1)::date - DATE '2000-01-01')::int4,
                 t.model_used,
                 t.shared_key_id::text,
                 count(*)::int8,
@@ -53,9 +58,7 @@ fn grouping_query(table: &str, skip_expired: bool) -> String {
                 COALESCE(sum(t.cost_estimate), 0)::text,
                 (extract(epoch FROM max(t.created_at)) * 1000000)::int8
            FROM {table} t
-          CROSS JOIN (SELECT z.name,
-                             usage_agg._day_start((SELECT h.detail_kept_from FROM usage_agg.retention_horizon h), z.name) AS kept_from
-                        FROM (SELECT usage_agg._timezone() AS name) z) tz
+          {horizon}
           {filter}
           GROUP BY 1, 2, 3, 4"
     )
@@ -88,23 +91,22 @@ const APPLY_CORRECTIONS: &str = "
                (SELECT (extract(epoch FROM max(k.created_at)) * 1000000)::int8
                   FROM usage_agg.key_usage_logs k
                  WHERE k.user_id = d.user_id
-                   AND k.created_at >= usage_agg._day_start(d.date, tz.name)
-                   AND k.created_at <  usage_agg._day_start(d.date + 1, tz.name))),
+                   AND k.created_at >= usage_agg._day_start(d.date, $5)
+                   AND k.created_at <  usage_agg._day_start(d.date + 1, $5))),
            last_modified = pg_catalog.now()
       FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]),
                      pg_catalog.unnest($3::jsonb[]), pg_catalog.unnest($4::int8[]))
-               AS u(user_id, day, delta, removed_last_at),
-           (SELECT usage_agg._timezone() AS name) tz
+               AS u(user_id, day, delta, removed_last_at)
      WHERE d.user_id = u.user_id AND d.date = DATE '2000-01-01' + u.day";
 
 /// Deferred mode: appends a small statement's rows to pending_deltas as they are.
 const APPEND_PENDING: &str = "
     INSERT INTO usage_agg.pending_deltas
            (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at)
-    SELECT t.user_id, (t.created_at AT TIME ZONE tz.name)::date, t.model_used, t.shared_key_id,
+    SELECT t.user_id, (t.created_at AT TIME ZONE $1)::date, t.model_used, t.shared_key_id,
            1, CASE WHEN t.success THEN 1 ELSE 0 END,
            COALESCE(t.tokens_used, 0), COALESCE(t.cost_estimate, 0), t.created_at
-      FROM usage_agg_new_rows t, (SELECT usage_agg._timezone() AS name) tz";
+      FROM usage_agg_new_rows t";
 
 /// The settings the fold needs. fold_mode is read through to_jsonb so that the
 /// library also works against the catalog of an older version (no fold_mode
@@ -129,10 +131,6 @@ const APPEND_ONE: &str = "
     INSERT INTO usage_agg.pending_deltas
            (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at)
     VALUES ($1, DATE '2000-01-01' + $2, $3, $4, 1, $5, $6, $7, $8)";
-
-/// Same reason: pending_deltas exists from 0.2.0 on.
-const HAS_PENDING_TABLE: &str =
-    "SELECT pg_catalog.to_regclass('usage_agg.pending_deltas') IS NOT NULL";
 
 /// Statements with more rows than this fold at once even in deferred mode: a bulk
 /// load is grouped per (user, day) into far fewer rows than it would append.
@@ -184,7 +182,6 @@ thread_local! {
     static APPEND1: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static ABSORB: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static TAKE: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
-    static HAS_PENDING: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
 }
 
 fn with_plan<R>(
@@ -282,15 +279,16 @@ fn read_groups(
     cell: &'static std::thread::LocalKey<OnceCell<OwnedPreparedStatement>>,
     table: &'static str,
     removed: bool,
+    timezone: &str,
     out: &mut Vec<(Key, GroupRow, bool)>,
 ) {
     let rows = run_kept(
         cell,
         client,
         &|| grouping_query(table, removed),
-        &[],
+        &[PgOid::from(pg_sys::TEXTOID)],
         false,
-        &[],
+        &[timezone.into()],
         "reading the statement's rows",
     );
     collect_groups(rows, removed, out);
@@ -303,6 +301,9 @@ fn read_groups(
 struct FoldConfig {
     timezone: String,
     deferred: bool,
+    /// The catalog is 0.2.0 or later (config_changed, pending_deltas exist);
+    /// false only between installing this library and ALTER EXTENSION UPDATE.
+    current_catalog: bool,
 }
 
 thread_local! {
@@ -343,10 +344,11 @@ fn fold_config(client: &SpiClient<'_>) -> FoldConfig {
     let config = FoldConfig {
         timezone: config_column::<String>(&row, 1).unwrap_or_else(|| "UTC".to_string()),
         deferred: config_column::<bool>(&row, 2).unwrap_or(false),
+        current_catalog: config_column::<bool>(&row, 4).unwrap_or(false),
     };
     let oid = config_column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
-    let cacheable = config_column::<bool>(&row, 4).unwrap_or(false);
-    if cacheable {
+    // Cached only where the config_changed trigger announces changes.
+    if config.current_catalog {
         CONFIG_OID.with(|o| o.set(oid));
         CONFIG.with(|c| c.replace(Some(config.clone())));
     }
@@ -558,11 +560,11 @@ fn fold_key_usage_logs<'a>(
         }
 
         let new_rows = if has_new { new_row_count(trigger) } else { 0 };
+        if !has_old && new_rows == 0 {
+            return;
+        }
+        let config = fold_config(client);
         if !has_old && new_rows <= DEFERRED_MAX_ROWS {
-            if new_rows == 0 {
-                return;
-            }
-            let config = fold_config(client);
             if new_rows == 1 {
                 fold_one_call(client, trigger, &config);
                 return;
@@ -572,9 +574,9 @@ fn fold_key_usage_logs<'a>(
                     &APPEND,
                     client,
                     &|| APPEND_PENDING.to_string(),
-                    &[],
+                    &[PgOid::from(pg_sys::TEXTOID)],
                     true,
-                    &[],
+                    &[config.timezone.as_str().into()],
                     "appending to pending_deltas",
                 );
                 return;
@@ -583,25 +585,43 @@ fn fold_key_usage_logs<'a>(
 
         let mut rows = Vec::new();
         if has_old {
-            read_groups(client, &GROUP_OLD, OLD_ROWS, true, &mut rows);
+            read_groups(
+                client,
+                &GROUP_OLD,
+                OLD_ROWS,
+                true,
+                &config.timezone,
+                &mut rows,
+            );
         }
         if has_new {
-            read_groups(client, &GROUP_NEW, NEW_ROWS, false, &mut rows);
+            read_groups(
+                client,
+                &GROUP_NEW,
+                NEW_ROWS,
+                false,
+                &config.timezone,
+                &mut rows,
+            );
         }
         if rows.is_empty() {
             return;
         }
         if has_old {
-            absorb_pending(client, &mut rows);
+            absorb_pending(client, &config, &mut rows);
         }
         let groups: BTreeMap<Key, DayDelta> = logdata::group_rows(rows);
-        write_groups(client, groups);
+        write_groups(client, groups, &config.timezone);
     });
     Ok(None)
 }
 
 /// Adds the pending rows of every (user, day) this statement removes rows from.
-fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<(Key, GroupRow, bool)>) {
+fn absorb_pending(
+    client: &SpiClient<'_>,
+    config: &FoldConfig,
+    rows: &mut Vec<(Key, GroupRow, bool)>,
+) {
     let mut keys: Vec<Key> = rows
         .iter()
         .filter(|(_, _, removed)| *removed)
@@ -612,20 +632,7 @@ fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<(Key, GroupRow, bool)>)
     if keys.is_empty() {
         return;
     }
-    let has_table = run_kept(
-        &HAS_PENDING,
-        client,
-        &|| HAS_PENDING_TABLE.to_string(),
-        &[],
-        false,
-        &[],
-        "looking up pending_deltas",
-    )
-    .first()
-    .get::<bool>(1)
-    .unwrap_or_else(|e| errors::internal("looking up pending_deltas", e))
-    .unwrap_or(false);
-    if !has_table {
+    if !config.current_catalog {
         return;
     }
     let users: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
@@ -680,13 +687,14 @@ fn apply_pending_deltas(max_rows: default!(i32, 1000000)) -> i64 {
         collect_groups(taken, false, &mut rows);
         let applied: i64 = rows.iter().map(|(_, g, _)| g.calls).sum();
         if !rows.is_empty() {
-            write_groups(client, logdata::group_rows(rows));
+            let config = fold_config(client);
+            write_groups(client, logdata::group_rows(rows), &config.timezone);
         }
         applied
     })
 }
 
-fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
+fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>, timezone: &str) {
     let mut add_users = Vec::new();
     let mut add_days = Vec::new();
     let mut add_docs = Vec::new();
@@ -733,6 +741,7 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
                 PgOid::from(pg_sys::INT4ARRAYOID),
                 PgOid::from(pg_sys::JSONBARRAYOID),
                 PgOid::from(pg_sys::INT8ARRAYOID),
+                PgOid::from(pg_sys::TEXTOID),
             ],
             true,
             &[
@@ -740,6 +749,7 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>) {
                 fix_days.into(),
                 fix_docs.into(),
                 fix_removed.into(),
+                timezone.into(),
             ],
             "correcting daily rows",
         );
