@@ -22,9 +22,10 @@ use bigdecimal::BigDecimal;
 use pgrx::datum::{Timestamp, TimestampWithTimeZone};
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{AnyNumeric, JsonB, PgOid, PgTupleDesc, Uuid};
+use pgrx::{AnyNumeric, PgOid, PgTupleDesc, Uuid};
 
 use crate::errors;
+use crate::jsonb::Jsonb;
 use crate::logdata::{self, Correction, DayDelta, GroupRow};
 
 /// Names of the transition tables in `CREATE TRIGGER ... REFERENCING`.
@@ -35,7 +36,8 @@ pub const OLD_ROWS: &str = "usage_agg_old_rows";
 /// computed from the row's own `created_at` in the configured time zone.
 /// Rows removed (`skip_expired`) are counted only from the detail horizon on:
 /// before it the retention cleanup deletes detail whose aggregates must stay.
-/// `$1` is the business time zone (the backend's cached config).
+/// `$1` is the business time zone (the backend's cached config). The key is
+/// grouped as a uuid and printed once per group, not once per row.
 fn grouping_query(table: &str, skip_expired: bool) -> String {
     let (horizon, filter) = if skip_expired {
         (
@@ -60,7 +62,7 @@ fn grouping_query(table: &str, skip_expired: bool) -> String {
            FROM {table} t
           {horizon}
           {filter}
-          GROUP BY 1, 2, 3, 4"
+          GROUP BY 1, 2, 3, t.shared_key_id"
     )
 }
 
@@ -523,7 +525,7 @@ fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &F
         &[
             call.user.into(),
             day.into(),
-            JsonB(delta.to_document()).into(),
+            Jsonb(delta.to_document()).into(),
         ],
         "writing a daily row",
     );
@@ -711,11 +713,11 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>, tim
             fix_users.push(user);
             fix_days.push(day);
             fix_removed.push(delta.removed_last_at.unwrap_or(0));
-            fix_docs.push(JsonB(delta.to_document()));
+            fix_docs.push(Jsonb(delta.to_document()));
         } else {
             add_users.push(user);
             add_days.push(day);
-            add_docs.push(JsonB(delta.to_document()));
+            add_docs.push(Jsonb(delta.to_document()));
         }
     }
 
@@ -774,9 +776,9 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>, tim
 
 /// Adds a delta document to a stored `log_data` (the ON CONFLICT arm of the fold).
 #[pg_extern(immutable, parallel_safe, name = "_fold_merge")]
-fn fold_merge(stored: JsonB, delta: JsonB, user_id: Uuid, day: pgrx::datum::Date) -> JsonB {
-    match logdata::merge_documents(&stored.0, &delta.0, None) {
-        Ok(v) => JsonB(v),
+fn fold_merge(stored: Jsonb, delta: Jsonb, user_id: Uuid, day: pgrx::datum::Date) -> Jsonb {
+    match logdata::merge_into(stored.0, &delta.0, None) {
+        Ok(v) => Jsonb(v),
         Err(e) => errors::corrupt_daily_row(&e, &user_id, day.to_pg_epoch_days()),
     }
 }
@@ -784,19 +786,19 @@ fn fold_merge(stored: JsonB, delta: JsonB, user_id: Uuid, day: pgrx::datum::Date
 /// Applies a delta with removals, correcting `last_api_call_at` from the detail.
 #[pg_extern(immutable, parallel_safe, name = "_fold_correct")]
 fn fold_correct(
-    stored: JsonB,
-    delta: JsonB,
+    stored: Jsonb,
+    delta: Jsonb,
     user_id: Uuid,
     day: pgrx::datum::Date,
     removed_last_at: i64,
     detail_last_at: Option<i64>,
-) -> JsonB {
+) -> Jsonb {
     let correction = Correction {
         removed_last_at,
         detail_last_at,
     };
-    match logdata::merge_documents(&stored.0, &delta.0, Some(correction)) {
-        Ok(v) => JsonB(v),
+    match logdata::merge_into(stored.0, &delta.0, Some(correction)) {
+        Ok(v) => Jsonb(v),
         Err(e) => errors::corrupt_daily_row(&e, &user_id, day.to_pg_epoch_days()),
     }
 }

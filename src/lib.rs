@@ -4,6 +4,7 @@
 //! - `fold`: the statement-level triggers that keep `daily_logs` exact.
 //! - `retention`: the roll-up merge of daily into monthly documents.
 //! - `errors`: user-facing errors with SQLSTATEs.
+//! - `jsonb`: binary jsonb to and from serde values (no text round trip).
 //!
 //! Hand-written SQL lives in `sql/` and is pulled in below in dependency order.
 
@@ -11,6 +12,7 @@ use pgrx::prelude::*;
 
 mod errors;
 mod fold;
+mod jsonb;
 pub mod logdata;
 mod retention;
 

@@ -239,10 +239,20 @@ pub fn merge_documents(
     delta: &Value,
     correction: Option<Correction>,
 ) -> Result<Value, CorruptField> {
-    let Value::Object(stored_map) = stored else {
-        return Err(corrupt("log_data", stored, "a JSON object"));
+    merge_into(stored.clone(), delta, correction)
+}
+
+/// [`merge_documents`] taking the stored document by value: the fold owns the
+/// document it read, and rebuilding it in place saves copying every map.
+pub fn merge_into(
+    stored: Value,
+    delta: &Value,
+    correction: Option<Correction>,
+) -> Result<Value, CorruptField> {
+    let mut out = match stored {
+        Value::Object(map) => map,
+        other => return Err(corrupt("log_data", &other, "a JSON object")),
     };
-    let mut out = stored_map.clone();
 
     add_number(
         &mut out,
@@ -252,10 +262,10 @@ pub fn merge_documents(
         true,
     )?;
 
-    let mut ssu = match out.get(SHARED_SERVICE_USAGE) {
+    let mut ssu = match out.remove(SHARED_SERVICE_USAGE) {
         None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(other) => return Err(corrupt(SHARED_SERVICE_USAGE, other, "a JSON object")),
+        Some(Value::Object(m)) => m,
+        Some(other) => return Err(corrupt(SHARED_SERVICE_USAGE, &other, "a JSON object")),
     };
     for counter in SSU_COUNTERS {
         let path = format!("{SHARED_SERVICE_USAGE}.{counter}");
@@ -432,6 +442,21 @@ fn add_number(
     delta: Option<&Value>,
     integer: bool,
 ) -> Result<(), CorruptField> {
+    // Counters are integers that fit in i64 almost always: add them without
+    // BigDecimal (which allocates), and fall back to it for anything else.
+    if integer {
+        let as_i64 = |v: Option<&Value>| match v {
+            None | Some(Value::Null) => Some(0),
+            Some(Value::Number(n)) => n.as_i64(),
+            Some(_) => None,
+        };
+        if let (Some(a), Some(b)) = (as_i64(map.get(key)), as_i64(delta)) {
+            if let Some(sum) = a.checked_add(b) {
+                map.insert(key.to_string(), Value::from(sum));
+                return Ok(());
+            }
+        }
+    }
     let current = read_decimal(map.get(key), path, integer)?;
     let add = read_decimal(delta, path, integer)?;
     let sum = current + add;
@@ -452,19 +477,19 @@ fn merge_cells(
     delta: Option<&Value>,
 ) -> Result<Vec<String>, CorruptField> {
     let path = format!("{SHARED_SERVICE_USAGE}.{name}");
-    let mut cells = match ssu.get(name) {
+    let mut cells = match ssu.remove(name) {
         None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(other) => return Err(corrupt(&path, other, "a JSON object")),
+        Some(Value::Object(m)) => m,
+        Some(other) => return Err(corrupt(&path, &other, "a JSON object")),
     };
     let mut removed = Vec::new();
     if let Some(Value::Object(delta_cells)) = delta {
         for (cell_name, delta_cell) in delta_cells {
             let cell_path = format!("{path}.{cell_name}");
-            let mut cell = match cells.get(cell_name) {
+            let mut cell = match cells.remove(cell_name) {
                 None | Some(Value::Null) => Map::new(),
-                Some(Value::Object(m)) => m.clone(),
-                Some(other) => return Err(corrupt(&cell_path, other, "a JSON object")),
+                Some(Value::Object(m)) => m,
+                Some(other) => return Err(corrupt(&cell_path, &other, "a JSON object")),
             };
             for (field, integer) in [("calls", true), ("tokens", true), ("cost", false)] {
                 add_number(
@@ -475,9 +500,11 @@ fn merge_cells(
                     integer,
                 )?;
             }
-            let calls = read_decimal(cell.get("calls"), &cell_path, true)?;
-            if calls <= BigDecimal::zero() {
-                cells.remove(cell_name);
+            let no_calls = match cell.get("calls").and_then(Value::as_i64) {
+                Some(calls) => calls <= 0,
+                None => read_decimal(cell.get("calls"), &cell_path, true)? <= BigDecimal::zero(),
+            };
+            if no_calls {
                 removed.push(cell_name.clone());
             } else {
                 cells.insert(cell_name.clone(), Value::Object(cell));
@@ -496,10 +523,10 @@ fn merge_keys_used(
     removed_keys: &[String],
 ) -> Result<(), CorruptField> {
     let path = format!("{SHARED_SERVICE_USAGE}.{KEYS_USED}");
-    let mut keys: Vec<Value> = match ssu.get(KEYS_USED) {
+    let mut keys: Vec<Value> = match ssu.remove(KEYS_USED) {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a.clone(),
-        Some(other) => return Err(corrupt(&path, other, "a JSON array")),
+        Some(Value::Array(a)) => a,
+        Some(other) => return Err(corrupt(&path, &other, "a JSON array")),
     };
     keys.retain(|k| !matches!(k, Value::String(s) if removed_keys.contains(s)));
     let still_present =

@@ -3,17 +3,17 @@
 //! `sql/retention.sql`; this module adds the document merge they aggregate with.
 
 use pgrx::prelude::*;
-use pgrx::JsonB;
 
 use crate::errors;
+use crate::jsonb::Jsonb;
 use crate::logdata;
 
 /// Adds one day's `log_data` into a month's (state function of the
 /// `usage_agg._rollup(jsonb)` aggregate, and the ON CONFLICT arm of the roll-up).
 #[pg_extern(immutable, parallel_safe, name = "_rollup_merge")]
-fn rollup_merge(month: JsonB, day: JsonB) -> JsonB {
+fn rollup_merge(month: Jsonb, day: Jsonb) -> Jsonb {
     match logdata::rollup_documents(&month.0, &day.0) {
-        Ok(v) => JsonB(v),
+        Ok(v) => Jsonb(v),
         Err(e) => errors::corrupt_rollup(&e),
     }
 }

@@ -11,6 +11,49 @@ mod tests {
         Spi::get_one::<T>(sql).expect("query failed")
     }
 
+    /// The binary jsonb conversion gives what jsonb_in/jsonb_out give, both ways.
+    #[pg_test]
+    fn jsonb_binary_round_trip() {
+        use crate::jsonb::Jsonb;
+        let text = r#"{"a": 1, "b": -0.000002, "c": 12345678901234567890.123456789,
+                        "d": [1, "x", null, true, false, {"e": []}, [[]]], "f": {},
+                        "g": "ünïcødé \" quote \\ back", "h": 1e-7, "": 0, "i": 2.50}"#;
+        let parsed: serde_json::Value = serde_json::from_str(text).unwrap();
+        // Rust -> binary jsonb equals the server's parse of the same text.
+        let same = Spi::get_one_with_args::<bool>(
+            "SELECT $1 = $2::jsonb AND $1::text = $2::jsonb::text",
+            &[Jsonb(parsed.clone()).into(), text.into()],
+        )
+        .unwrap();
+        assert_eq!(same, Some(true));
+        // binary jsonb -> Rust equals serde's parse of the server's text.
+        let back = Spi::get_one_with_args::<Jsonb>("SELECT $1::jsonb", &[text.into()])
+            .unwrap()
+            .unwrap();
+        let printed = Spi::get_one_with_args::<String>("SELECT $1::jsonb::text", &[text.into()])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            back.0,
+            serde_json::from_str::<serde_json::Value>(&printed).unwrap()
+        );
+        assert_eq!(back.0["i"].to_string(), "2.50");
+        // A bare scalar and an array at the top level.
+        for scalar in ["3.10", "\"s\"", "null", "[1, 2]"] {
+            let v: serde_json::Value = serde_json::from_str(scalar).unwrap();
+            let ok = Spi::get_one_with_args::<bool>(
+                "SELECT $1 = $2::jsonb",
+                &[Jsonb(v.clone()).into(), scalar.into()],
+            )
+            .unwrap();
+            assert_eq!(ok, Some(true), "{scalar}");
+            let read = Spi::get_one_with_args::<Jsonb>("SELECT $1::jsonb", &[scalar.into()])
+                .unwrap()
+                .unwrap();
+            assert_eq!(read.0, v, "{scalar}");
+        }
+    }
+
     #[pg_test]
     fn fold_first_call_of_the_day() {
         Spi::run(
