@@ -283,33 +283,39 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_tz text := usage_agg._timezone();
+    v_tz text;
     v_day date;
     v_month date;
     v_today_known boolean;
 BEGIN
-    PERFORM usage_agg._check_reader_args($1, $2);
+    IF $1 IS NULL OR $2 IS NULL OR NOT isfinite($2) THEN
+        PERFORM usage_agg._check_reader_args($1, $2);
+    END IF;
+    v_tz := COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC');
     v_day := ($2 AT TIME ZONE v_tz)::date;
     v_month := date_trunc('month', v_day::timestamp)::date;
     -- A day already rolled up into its month cannot be told apart there.
     v_today_known := v_day >= (SELECT h.daily_kept_from FROM usage_agg.retention_horizon h);
+    -- One pass over the user's rows, each window a filtered sum (this is on the
+    -- request path of applications: #>> reads a nested number without copying
+    -- the object around it).
     RETURN QUERY
     WITH rows_of_user AS (
         SELECT d.date AS first_day, true AS is_day,
                (d.log_data->>'api_call_count')::bigint AS calls,
-               (d.log_data->'shared_service_usage'->>'successful_calls')::bigint AS successful,
-               (d.log_data->'shared_service_usage'->>'failed_calls')::bigint AS failed,
-               (d.log_data->'shared_service_usage'->>'tokens_used')::bigint AS tokens,
-               (d.log_data->'shared_service_usage'->>'estimated_cost')::numeric AS cost
+               (d.log_data#>>'{shared_service_usage,successful_calls}')::bigint AS successful,
+               (d.log_data#>>'{shared_service_usage,failed_calls}')::bigint AS failed,
+               (d.log_data#>>'{shared_service_usage,tokens_used}')::bigint AS tokens,
+               (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric AS cost
           FROM usage_agg.daily_logs d
          WHERE d.user_id = $1 AND d.date <= v_day
         UNION ALL
         SELECT m.month, false,
                (m.log_data->>'api_call_count')::bigint,
-               (m.log_data->'shared_service_usage'->>'successful_calls')::bigint,
-               (m.log_data->'shared_service_usage'->>'failed_calls')::bigint,
-               (m.log_data->'shared_service_usage'->>'tokens_used')::bigint,
-               (m.log_data->'shared_service_usage'->>'estimated_cost')::numeric
+               (m.log_data#>>'{shared_service_usage,successful_calls}')::bigint,
+               (m.log_data#>>'{shared_service_usage,failed_calls}')::bigint,
+               (m.log_data#>>'{shared_service_usage,tokens_used}')::bigint,
+               (m.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
           FROM usage_agg.monthly_logs m
          WHERE m.user_id = $1 AND m.month <= v_day
         UNION ALL
@@ -317,24 +323,33 @@ BEGIN
         SELECT p.day, true, p.calls, p.successful, p.calls - p.successful, p.tokens, p.cost
           FROM usage_agg.pending_deltas p
          WHERE p.user_id = $1 AND p.day <= v_day
-    ), per_period AS (
-        SELECT w.period, sum(r.calls) AS calls, sum(r.successful) AS successful,
-               sum(r.failed) AS failed, sum(r.tokens) AS tokens, sum(r.cost) AS cost
+    ), totals AS (
+        SELECT sum(r.calls) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_calls,
+               sum(r.successful) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_ok,
+               sum(r.failed) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_failed,
+               sum(r.tokens) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_tokens,
+               sum(r.cost) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cost,
+               sum(r.calls) FILTER (WHERE r.first_day >= v_month) AS m_calls,
+               sum(r.successful) FILTER (WHERE r.first_day >= v_month) AS m_ok,
+               sum(r.failed) FILTER (WHERE r.first_day >= v_month) AS m_failed,
+               sum(r.tokens) FILTER (WHERE r.first_day >= v_month) AS m_tokens,
+               sum(r.cost) FILTER (WHERE r.first_day >= v_month) AS m_cost,
+               sum(r.calls) AS a_calls, sum(r.successful) AS a_ok, sum(r.failed) AS a_failed,
+               sum(r.tokens) AS a_tokens, sum(r.cost) AS a_cost
           FROM rows_of_user r
-         CROSS JOIN LATERAL (VALUES ('today', r.is_day AND r.first_day = v_day),
-                                    ('month', r.first_day >= v_month),
-                                    ('all_time', true)) AS w(period, hit)
-         WHERE w.hit
-         GROUP BY w.period
     )
     SELECT w.period,
-           CASE WHEN w.known THEN COALESCE(p.calls, 0)::bigint END,
-           CASE WHEN w.known THEN COALESCE(p.successful, 0)::bigint END,
-           CASE WHEN w.known THEN COALESCE(p.failed, 0)::bigint END,
-           CASE WHEN w.known THEN COALESCE(p.tokens, 0)::bigint END,
-           CASE WHEN w.known THEN COALESCE(p.cost, 0) END
-      FROM (VALUES (1, 'today', v_today_known), (2, 'month', true), (3, 'all_time', true)) AS w(ord, period, known)
-      LEFT JOIN per_period p ON p.period = w.period
+           CASE WHEN w.known THEN COALESCE(w.calls, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.ok, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.failed, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.tokens, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.cost, 0) END
+      FROM totals t
+     CROSS JOIN LATERAL (VALUES
+           (1, 'today', v_today_known, t.d_calls, t.d_ok, t.d_failed, t.d_tokens, t.d_cost),
+           (2, 'month', true, t.m_calls, t.m_ok, t.m_failed, t.m_tokens, t.m_cost),
+           (3, 'all_time', true, t.a_calls, t.a_ok, t.a_failed, t.a_tokens, t.a_cost))
+           AS w(ord, period, known, calls, ok, failed, tokens, cost)
      ORDER BY w.ord;
 END;
 $$;
@@ -350,11 +365,13 @@ DECLARE
     v_limit numeric;
     v_cost numeric;
 BEGIN
-    PERFORM usage_agg._check_reader_args($1, $2);
-    v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
+    IF $1 IS NULL OR $2 IS NULL OR NOT isfinite($2) THEN
+        PERFORM usage_agg._check_reader_args($1, $2);
+    END IF;
+    v_day := ($2 AT TIME ZONE COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC'))::date;
     v_level := COALESCE((SELECT q.membership_level FROM usage_agg.quotas q WHERE q.user_id = $1), 'free');
     v_limit := (SELECT p.daily_cost_limit FROM usage_agg.quota_plans p WHERE p.membership_level = v_level);
-    v_cost := COALESCE((SELECT (d.log_data->'shared_service_usage'->>'estimated_cost')::numeric
+    v_cost := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
                           FROM usage_agg.daily_logs d
                          WHERE d.user_id = $1 AND d.date = v_day), 0)
             + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
