@@ -62,7 +62,7 @@ fn storm(mode: &str) {
                 let mut n = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
-                    let user = if n % 2 == 0 {
+                    let user = if n.is_multiple_of(2) {
                         "c0000000-0000-0000-0000-000000000000".to_string()
                     } else {
                         format!("c0000000-0000-0000-0000-{i:012}")

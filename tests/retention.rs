@@ -716,10 +716,10 @@ fn windows_follow_the_business_time_zone() {
     );
 
     for bad in [
-        format!("SELECT * FROM usage_agg.usage_summary(NULL)"),
+        "SELECT * FROM usage_agg.usage_summary(NULL)".to_string(),
         format!("SELECT * FROM usage_agg.usage_summary('{u}', 'infinity')"),
         format!("SELECT * FROM usage_agg.usage_summary('{u}', NULL)"),
-        format!("SELECT * FROM usage_agg.check_usage_limit(NULL)"),
+        "SELECT * FROM usage_agg.check_usage_limit(NULL)".to_string(),
         format!("SELECT * FROM usage_agg.check_usage_limit('{u}', '-infinity')"),
     ] {
         assert_eq!(sqlstate(c.query(bad.as_str(), &[])), "22023", "{bad}");

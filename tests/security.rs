@@ -147,7 +147,7 @@ fn a_read_role_reads_and_nothing_more() {
     for sql in [
         format!("INSERT INTO usage_agg.key_usage_logs (user_id) VALUES ('{U}')"),
         format!("SELECT usage_agg.consume_quota('{U}')"),
-        format!("SELECT usage_agg.refund_quota('x')"),
+        "SELECT usage_agg.refund_quota('x')".to_string(),
     ] {
         assert_eq!(sqlstate(reader.batch_execute(&sql)), "42501", "{sql}");
     }
@@ -351,6 +351,6 @@ fn row_level_security_lets_each_end_user_read_only_their_rows() {
         0
     );
     admin
-        .batch_execute(&format!("DROP OWNED BY ua_test_alice, ua_test_end_users, ua_test_rls_app; DROP ROLE ua_test_alice; DROP ROLE ua_test_end_users; DROP ROLE ua_test_rls_app;"))
+        .batch_execute("DROP OWNED BY ua_test_alice, ua_test_end_users, ua_test_rls_app; DROP ROLE ua_test_alice; DROP ROLE ua_test_end_users; DROP ROLE ua_test_rls_app;")
         .unwrap();
 }
