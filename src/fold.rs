@@ -19,12 +19,13 @@ use std::convert::Infallible;
 use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
-use pgrx::datum::{Timestamp, TimestampWithTimeZone};
+use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::{AnyNumeric, PgOid, PgTupleDesc, Uuid};
 
 use crate::errors;
+use crate::grouping::{self, PG_EPOCH_OFFSET_MICROS};
 use crate::jsonb::Jsonb;
 use crate::logdata::{self, Correction, DayDelta, GroupRow};
 
@@ -445,17 +446,10 @@ fn missing_field<T>(name: &str) -> T {
 
 /// The business day of an instant: days since 2000-01-01 in `timezone`.
 fn business_day(at: TimestampWithTimeZone, timezone: &str) -> i32 {
-    // SAFETY: timestamptz_zone(text, timestamptz) is a plain builtin.
-    let local: Timestamp = unsafe {
-        pgrx::direct_function_call(
-            pg_sys::timestamptz_zone,
-            &[timezone.into_datum(), at.into_datum()],
-        )
-    }
-    .unwrap_or_else(|| errors::internal("converting to the business time zone", timezone));
-    let micros: i64 = pg_sys::Timestamp::from(local);
-    i32::try_from(micros.div_euclid(86_400_000_000))
-        .unwrap_or_else(|e| errors::internal("computing the business day", e))
+    let tz = timezone
+        .into_datum()
+        .unwrap_or_else(|| errors::internal("converting to the business time zone", timezone));
+    grouping::business_day(pg_sys::TimestampTz::from(at), tz)
 }
 
 /// A single-row INSERT: one upsert (immediate) or one appended row (deferred),
@@ -532,7 +526,6 @@ fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &F
 }
 
 /// Microseconds from 1970-01-01 to 2000-01-01 (Postgres timestamps count from 2000).
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 /// The trigger function. Created by hand in `sql/fold.sql` (it pins its
 /// search_path) and attached to `key_usage_logs` for INSERT, UPDATE and DELETE.
@@ -597,14 +590,26 @@ fn fold_key_usage_logs<'a>(
             );
         }
         if has_new {
-            read_groups(
-                client,
-                &GROUP_NEW,
-                NEW_ROWS,
-                false,
-                &config.timezone,
-                &mut rows,
-            );
+            // SAFETY: tg_newtable and tg_relation belong to this trigger call.
+            let grouped = unsafe {
+                let data = trigger.trigger_data();
+                grouping::group_new_rows(
+                    data.tg_newtable,
+                    (*data.tg_relation).rd_att,
+                    &config.timezone,
+                )
+            };
+            match grouped {
+                Some(groups) => rows.extend(groups),
+                None => read_groups(
+                    client,
+                    &GROUP_NEW,
+                    NEW_ROWS,
+                    false,
+                    &config.timezone,
+                    &mut rows,
+                ),
+            }
         }
         if rows.is_empty() {
             return;

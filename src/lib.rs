@@ -3,6 +3,8 @@
 //! - `logdata`: pure folding of usage into the `log_data` JSON layout.
 //! - `fold`: the statement-level triggers that keep `daily_logs` exact.
 //! - `retention`: the roll-up merge of daily into monthly documents.
+//! - `grouping`: a statement's inserted rows grouped per (user, day, model, key).
+//! - `decimal`: exact sums of `numeric` values in their binary form.
 //! - `errors`: user-facing errors with SQLSTATEs.
 //! - `jsonb`: binary jsonb to and from serde values (no text round trip).
 //!
@@ -10,8 +12,10 @@
 
 use pgrx::prelude::*;
 
+mod decimal;
 mod errors;
 mod fold;
+mod grouping;
 mod jsonb;
 pub mod logdata;
 mod retention;

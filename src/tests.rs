@@ -95,6 +95,69 @@ mod tests {
         );
     }
 
+    /// Multi-row statements are grouped in Rust (`grouping`), or in SQL when a cost
+    /// does not fit an exact i128 sum: both must give, digit for digit, what a
+    /// GROUP BY over the detail gives (`_aggregates`), across DST changes and
+    /// midnights in the business time zone, with NULL models, keys, tokens and
+    /// costs, non-ASCII model names and costs of mixed scales.
+    #[pg_test]
+    fn statement_grouping_matches_sql_group_by() {
+        Spi::run("UPDATE usage_agg.config SET timezone = 'America/New_York'").unwrap();
+        for (start, cost_of_the_fallback) in [
+            ("2026-03-07 22:00:00-05", None),
+            (
+                "2026-10-30 21:00:00-04",
+                Some("123456789012345678901234567890.123456789"),
+            ),
+        ] {
+            Spi::run_with_args(
+                "INSERT INTO usage_agg.key_usage_logs
+                        (user_id, shared_key_id, model_used, tokens_used, cost_estimate, success, created_at)
+                 SELECT ('00000000-0000-0000-0000-0000000001' || lpad((i % 7)::text, 2, '0'))::uuid,
+                        CASE WHEN i % 5 = 0 THEN NULL
+                             ELSE ('10000000-0000-0000-0000-00000000000' || (i % 3))::uuid END,
+                        CASE WHEN i % 11 = 0 THEN NULL WHEN i % 4 = 0 THEN 'modèle-ü'
+                             ELSE 'gpt-' || (i % 3) END,
+                        CASE WHEN i % 13 = 0 THEN NULL ELSE i * 7 END,
+                        CASE WHEN i = 1000 THEN $2::numeric
+                             WHEN i % 17 = 0 THEN NULL
+                             WHEN i % 3 = 0 THEN (i * 0.000001)::numeric(12, 6)
+                             WHEN i % 3 = 1 THEN round(i / 7.0, 2)
+                             ELSE i * 1000 END,
+                        i % 9 <> 0,
+                        $1::timestamptz + i * interval '7 minutes 13.000017 seconds'
+                   FROM generate_series(1, 2000) i",
+                &[start.into(), cost_of_the_fallback.into()],
+            )
+            .unwrap();
+        }
+        let days = one::<i64>(
+            "SELECT count(*) FROM (SELECT DISTINCT user_id, (created_at AT TIME ZONE 'America/New_York')::date
+                                     FROM usage_agg.key_usage_logs) s",
+        );
+        assert_eq!(
+            days,
+            one::<i64>("SELECT count(*) FROM usage_agg.daily_logs")
+        );
+        assert!(days.unwrap() > 140, "{days:?}");
+        let differing = one::<i64>(
+            "SELECT count(*)
+               FROM usage_agg.daily_logs d
+               FULL JOIN (SELECT * FROM usage_agg._aggregates('2026-03-01', '2026-11-30')
+                           WHERE source = 'detail') a
+                 ON a.user_id = d.user_id AND a.date = d.date
+              WHERE d.log_data::text IS DISTINCT FROM a.log_data::text",
+        );
+        assert_eq!(differing, Some(0));
+        assert_eq!(
+            one::<String>(
+                "SELECT sum((log_data #>> '{shared_service_usage,estimated_cost}')::numeric)::text
+                   FROM usage_agg.daily_logs"
+            ),
+            one::<String>("SELECT sum(cost_estimate)::text FROM usage_agg.key_usage_logs")
+        );
+    }
+
     #[pg_test]
     fn session_time_zone_does_not_change_the_bucket() {
         Spi::run("SET LOCAL TimeZone = 'America/Los_Angeles'").unwrap();

@@ -1,0 +1,261 @@
+//! Groups a statement's inserted rows per (user, day, model, key) in Rust,
+//! reading the transition table directly.
+//!
+//! A SQL `GROUP BY` over the transition table was the largest part of a bulk
+//! load's fold (about 0.8 s of 1.6 s for 1,000,000 rows: a hash aggregate with a
+//! text key, five aggregates and a time-zone conversion per row). This pass reads
+//! each tuple once, converts a timestamp to its business day once per distinct
+//! value (a multi-row INSERT or COPY often shares `now()`), keys the groups by
+//! bytes, and sums money exactly in binary (`decimal`). When a value cannot be
+//! summed that way it gives up, and the caller runs the SQL grouping instead.
+
+use std::collections::hash_map::Entry;
+
+use pgrx::prelude::*;
+use pgrx::Uuid;
+use rustc_hash::FxHashMap;
+
+use crate::decimal;
+use crate::errors;
+use crate::logdata::GroupRow;
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+const NO_MODEL: u32 = u32::MAX;
+
+#[derive(Hash, PartialEq, Eq)]
+struct GroupKey {
+    user: [u8; 16],
+    day: i32,
+    model: u32,
+    key: Option<[u8; 16]>,
+}
+
+#[derive(Default)]
+struct Totals {
+    calls: i64,
+    successful: i64,
+    tokens: i64,
+    cost: decimal::Sum,
+    last_at: i64,
+}
+
+/// The attribute numbers (1-based) of the columns the fold reads.
+struct Columns {
+    user: i32,
+    created_at: i32,
+    model: i32,
+    key: i32,
+    tokens: i32,
+    cost: i32,
+    success: i32,
+    last: i32,
+}
+
+/// SAFETY: `tupdesc` is the descriptor of key_usage_logs.
+unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
+    let natts = (*tupdesc).natts;
+    let find = |name: &str| -> i32 {
+        for i in 0..natts {
+            let att = (*tupdesc).attrs.as_ptr().add(i as usize);
+            if !(*att).attisdropped {
+                let att_name = std::ffi::CStr::from_ptr((*att).attname.data.as_ptr());
+                if att_name.to_bytes() == name.as_bytes() {
+                    return i + 1;
+                }
+            }
+        }
+        errors::internal("reading the statement's rows", format!("no column {name}"))
+    };
+    let c = Columns {
+        user: find("user_id"),
+        created_at: find("created_at"),
+        model: find("model_used"),
+        key: find("shared_key_id"),
+        tokens: find("tokens_used"),
+        cost: find("cost_estimate"),
+        success: find("success"),
+        last: 0,
+    };
+    let last = [
+        c.user,
+        c.created_at,
+        c.model,
+        c.key,
+        c.tokens,
+        c.cost,
+        c.success,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(natts);
+    Columns { last, ..c }
+}
+
+/// The bytes of an inline varlena, or None when it is compressed or stored
+/// out of line (then the caller detoasts).
+///
+/// SAFETY: `ptr` points to a varlena.
+unsafe fn inline_bytes<'a>(ptr: *const pg_sys::varlena) -> Option<&'a [u8]> {
+    let inline = pgrx::varlena::varatt_is_4b_u(ptr)
+        || (pgrx::varlena::varatt_is_1b(ptr) && !pgrx::varlena::varatt_is_1b_e(ptr));
+    inline.then(|| {
+        std::slice::from_raw_parts(
+            pgrx::varlena::vardata_any(ptr) as *const u8,
+            pgrx::varlena::varsize_any_exhdr(ptr),
+        )
+    })
+}
+
+/// SAFETY: `datum` is a varlena datum; the bytes live as long as the current
+/// memory context (a detoasted copy) or the tuple.
+unsafe fn varlena_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
+    let ptr = datum.cast_mut_ptr::<pg_sys::varlena>();
+    match inline_bytes(ptr) {
+        Some(bytes) => bytes,
+        None => {
+            let plain = pg_sys::pg_detoast_datum_packed(ptr);
+            inline_bytes(plain).unwrap_or(&[])
+        }
+    }
+}
+
+/// The business day (days since 2000-01-01) of a timestamptz in `timezone`, as
+/// `(created_at AT TIME ZONE timezone)::date` computes it.
+pub fn business_day(at: i64, timezone: pg_sys::Datum) -> i32 {
+    // SAFETY: timestamptz_zone(text, timestamptz) is a plain builtin; an error
+    // (a timestamp out of range) is raised as a PostgreSQL error.
+    let local = unsafe {
+        pgrx::direct_function_call_as_datum(
+            pg_sys::timestamptz_zone,
+            &[Some(timezone), Some(pg_sys::Datum::from(at))],
+        )
+    }
+    .unwrap_or_else(|| errors::internal("converting to the business time zone", at));
+    let micros = local.value() as i64;
+    i32::try_from(micros.div_euclid(MICROS_PER_DAY))
+        .unwrap_or_else(|e| errors::internal("computing the business day", e))
+}
+
+/// Groups the rows of `store` (the NEW transition table of key_usage_logs,
+/// described by `tupdesc`). None: a cost could not be summed exactly here or a
+/// model name is not UTF-8; group in SQL instead.
+pub fn group_new_rows(
+    store: *mut pg_sys::Tuplestorestate,
+    tupdesc: pg_sys::TupleDesc,
+    timezone: &str,
+) -> Option<Vec<((Uuid, i32), GroupRow, bool)>> {
+    let tz_datum = timezone
+        .into_datum()
+        .unwrap_or_else(|| errors::internal("reading the statement's rows", "time zone"));
+    let mut models: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
+    let mut model_names: Vec<Vec<u8>> = Vec::new();
+    let mut groups: FxHashMap<GroupKey, Totals> = FxHashMap::default();
+    let mut last_at = i64::MIN;
+    let mut last_day = 0;
+
+    // SAFETY: the transition table and descriptor belong to this trigger call;
+    // the slot and read pointer are private to this function, each tuple's
+    // values are used before the next one is fetched, and the slot is dropped
+    // before returning.
+    unsafe {
+        let cols = columns(tupdesc);
+        let reader = pg_sys::tuplestore_alloc_read_pointer(store, 0);
+        pg_sys::tuplestore_select_read_pointer(store, reader);
+        pg_sys::tuplestore_rescan(store);
+        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+        let mut complete = true;
+        while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+            pg_sys::slot_getsomeattrs_int(slot, cols.last);
+            let values = (*slot).tts_values;
+            let nulls = (*slot).tts_isnull;
+            let value = |att: i32| -> Option<pg_sys::Datum> {
+                let i = (att - 1) as usize;
+                (!*nulls.add(i)).then(|| *values.add(i))
+            };
+            let uuid_bytes =
+                |d: pg_sys::Datum| -> [u8; 16] { *(d.cast_mut_ptr::<u8>() as *const [u8; 16]) };
+
+            let Some(user) = value(cols.user).map(uuid_bytes) else {
+                errors::internal("reading the statement's rows", "user_id is NULL");
+            };
+            let Some(at) = value(cols.created_at).map(|d| d.value() as i64) else {
+                errors::internal("reading the statement's rows", "created_at is NULL");
+            };
+            if at != last_at {
+                last_day = business_day(at, tz_datum);
+                last_at = at;
+            }
+            let model = match value(cols.model) {
+                None => NO_MODEL,
+                Some(d) => {
+                    let bytes = varlena_bytes(d);
+                    match models.get(bytes) {
+                        Some(&id) => id,
+                        None => {
+                            let id = model_names.len() as u32;
+                            models.insert(bytes.to_vec(), id);
+                            model_names.push(bytes.to_vec());
+                            id
+                        }
+                    }
+                }
+            };
+            let key = value(cols.key).map(uuid_bytes);
+            let totals = match groups.entry(GroupKey {
+                user,
+                day: last_day,
+                model,
+                key,
+            }) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(Totals {
+                    last_at: i64::MIN,
+                    ..Totals::default()
+                }),
+            };
+            totals.calls += 1;
+            if value(cols.success).is_some_and(|d| d.value() != 0) {
+                totals.successful += 1;
+            }
+            if let Some(d) = value(cols.tokens) {
+                totals.tokens += i64::from(d.value() as i32);
+            }
+            if let Some(d) = value(cols.cost) {
+                let added = decimal::decode(varlena_bytes(d)).and_then(|v| totals.cost.add(v));
+                if added.is_none() {
+                    complete = false;
+                    break;
+                }
+            }
+            totals.last_at = totals.last_at.max(at);
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        if !complete {
+            return None;
+        }
+    }
+
+    let mut model_text = Vec::with_capacity(model_names.len());
+    for name in model_names {
+        model_text.push(String::from_utf8(name).ok()?);
+    }
+    Some(
+        groups
+            .into_iter()
+            .map(|(k, t)| {
+                let row = GroupRow {
+                    model: (k.model != NO_MODEL).then(|| model_text[k.model as usize].clone()),
+                    key: k.key.map(|b| Uuid::from_bytes(b).to_string()),
+                    calls: t.calls,
+                    successful: t.successful,
+                    tokens: t.tokens,
+                    cost: t.cost.to_bigdecimal(),
+                    last_at_micros: Some(t.last_at + PG_EPOCH_OFFSET_MICROS),
+                };
+                ((Uuid::from_bytes(k.user), k.day), row, false)
+            })
+            .collect(),
+    )
+}
