@@ -57,7 +57,7 @@ pub fn decode(payload: &[u8]) -> Option<Decoded> {
         }
     };
     let digits = &payload[digits_at..];
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return None;
     }
     let ndigits = i32::try_from(digits.len() / 2).ok()?;

@@ -2,10 +2,11 @@
 //! `usage_agg.daily_logs` exact.
 //!
 //! Each INSERT, UPDATE or DELETE statement (and COPY) fires once. Its transition
-//! tables are grouped per (user, day, model, key) by one SQL query, folded per
-//! (user, day) in Rust (`logdata`), and written with one statement per kind of
-//! change: an upsert for additions, a locked correction for removals. Plans are
-//! prepared once per backend and kept.
+//! tables are grouped per (user, day, model, key) — inserted rows in Rust
+//! (`grouping`), removed rows by one SQL query that also applies the retention
+//! horizon — folded per (user, day) in Rust (`logdata`), and written with one
+//! statement per kind of change: an upsert for additions, a locked correction for
+//! removals. Plans are prepared once per backend and kept.
 //!
 //! In deferred mode (`config.fold_mode = 'deferred'`) a small INSERT statement only
 //! appends its rows to `usage_agg.pending_deltas`, which takes no lock on
@@ -524,8 +525,6 @@ fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &F
         "writing a daily row",
     );
 }
-
-/// Microseconds from 1970-01-01 to 2000-01-01 (Postgres timestamps count from 2000).
 
 /// The trigger function. Created by hand in `sql/fold.sql` (it pins its
 /// search_path) and attached to `key_usage_logs` for INSERT, UPDATE and DELETE.

@@ -4,10 +4,11 @@
 //! A SQL `GROUP BY` over the transition table was the largest part of a bulk
 //! load's fold (about 0.8 s of 1.6 s for 1,000,000 rows: a hash aggregate with a
 //! text key, five aggregates and a time-zone conversion per row). This pass reads
-//! each tuple once, converts a timestamp to its business day once per distinct
-//! value (a multi-row INSERT or COPY often shares `now()`), keys the groups by
-//! bytes, and sums money exactly in binary (`decimal`). When a value cannot be
-//! summed that way it gives up, and the caller runs the SQL grouping instead.
+//! each tuple once, converts a timestamp to its business day once per run of
+//! equal timestamps (rows of one statement defaulting to `now()` share it), keys
+//! the groups by bytes, and sums money exactly in binary (`decimal`). When a
+//! value cannot be summed that way it gives up, and the caller runs the SQL
+//! grouping instead.
 
 use std::collections::hash_map::Entry;
 
@@ -23,6 +24,9 @@ use crate::logdata::GroupRow;
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 const MICROS_PER_DAY: i64 = 86_400_000_000;
 const NO_MODEL: u32 = u32::MAX;
+
+/// One group of the statement: ((user, day), totals, removed = false).
+pub type Grouped = ((Uuid, i32), GroupRow, bool);
 
 #[derive(Hash, PartialEq, Eq)]
 struct GroupKey {
@@ -145,7 +149,7 @@ pub fn group_new_rows(
     store: *mut pg_sys::Tuplestorestate,
     tupdesc: pg_sys::TupleDesc,
     timezone: &str,
-) -> Option<Vec<((Uuid, i32), GroupRow, bool)>> {
+) -> Option<Vec<Grouped>> {
     let tz_datum = timezone
         .into_datum()
         .unwrap_or_else(|| errors::internal("reading the statement's rows", "time zone"));

@@ -167,7 +167,10 @@ unsafe fn scalar(value: &pg_sys::JsonbValue) -> Value {
                 &[Some(pg_sys::Datum::from(value.val.numeric))],
             )
             .unwrap_or_else(|| errors::internal("reading jsonb", "numeric_out"));
-            let number = Number::from_str(text.to_str().unwrap_or("0"))
+            let text = text
+                .to_str()
+                .unwrap_or_else(|e| errors::internal("reading a jsonb number", e));
+            let number = Number::from_str(text)
                 .unwrap_or_else(|e| errors::internal("reading a jsonb number", e));
             Value::Number(number)
         }
