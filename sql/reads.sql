@@ -31,10 +31,8 @@ DECLARE
     v_month date;
     v_today_known boolean;
 BEGIN
-    IF $1 IS NULL OR $2 IS NULL OR NOT isfinite($2) THEN
-        PERFORM usage_agg._check_reader_args($1, $2);
-    END IF;
-    v_tz := COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC');
+    PERFORM usage_agg._check_reader_args($1, $2);
+    v_tz := usage_agg._timezone();
     v_day := ($2 AT TIME ZONE v_tz)::date;
     v_month := date_trunc('month', v_day::timestamp)::date;
     -- A day already rolled up into its month cannot be told apart there.
@@ -112,10 +110,8 @@ DECLARE
     v_limit numeric;
     v_cost numeric;
 BEGIN
-    IF $1 IS NULL OR $2 IS NULL OR NOT isfinite($2) THEN
-        PERFORM usage_agg._check_reader_args($1, $2);
-    END IF;
-    v_day := ($2 AT TIME ZONE COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC'))::date;
+    PERFORM usage_agg._check_reader_args($1, $2);
+    v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
     v_level := COALESCE((SELECT q.membership_level FROM usage_agg.quotas q WHERE q.user_id = $1), 'free');
     v_limit := (SELECT p.daily_cost_limit FROM usage_agg.quota_plans p WHERE p.membership_level = v_level);
     v_cost := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
