@@ -23,7 +23,7 @@ use bigdecimal::BigDecimal;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{AnyNumeric, PgOid, PgTupleDesc, Uuid};
+use pgrx::{AnyNumeric, PgOid, Uuid};
 
 use crate::errors;
 use crate::grouping::{self, PG_EPOCH_OFFSET_MICROS};
@@ -380,7 +380,8 @@ fn new_row_count(trigger: &PgTrigger<'_>) -> i64 {
 /// The one row of a single-row INSERT, read straight from the transition table.
 struct OneCall {
     user: Uuid,
-    created_at: TimestampWithTimeZone,
+    /// created_at, PostgreSQL microseconds since 2000-01-01.
+    at: i64,
     model: Option<String>,
     key: Option<Uuid>,
     tokens: i64,
@@ -390,74 +391,42 @@ struct OneCall {
 
 fn read_one_call(trigger: &PgTrigger<'_>) -> OneCall {
     let data = trigger.trigger_data();
+    let mut call = None;
     // SAFETY: the transition table and relation belong to this trigger call; the
-    // slot and read pointer are private to this function and the slot is dropped
-    // before it returns (the tuple values are copied out first).
+    // row's values are copied out inside the callback.
     unsafe {
-        let store = data.tg_newtable;
-        let tupdesc = (*data.tg_relation).rd_att;
-        let reader = pg_sys::tuplestore_alloc_read_pointer(store, 0);
-        pg_sys::tuplestore_select_read_pointer(store, reader);
-        pg_sys::tuplestore_rescan(store);
-        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-        if !pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
-            errors::internal("reading the inserted row", "empty transition table");
-        }
-        let mut should_free = false;
-        let htup = pg_sys::ExecFetchSlotHeapTuple(slot, true, &mut should_free);
-        let tuple = PgHeapTuple::from_heap_tuple(PgTupleDesc::from_pg_unchecked(tupdesc), htup);
-        let call = OneCall {
-            user: tuple
-                .get_by_name::<Uuid>("user_id")
-                .unwrap_or_else(|_| missing_field("user_id"))
-                .unwrap_or_else(|| missing_field("user_id")),
-            created_at: tuple
-                .get_by_name::<TimestampWithTimeZone>("created_at")
-                .unwrap_or_else(|_| missing_field("created_at"))
-                .unwrap_or_else(|| missing_field("created_at")),
-            model: tuple
-                .get_by_name::<String>("model_used")
-                .unwrap_or_else(|_| missing_field("model_used")),
-            key: tuple
-                .get_by_name::<Uuid>("shared_key_id")
-                .unwrap_or_else(|_| missing_field("shared_key_id")),
-            tokens: tuple
-                .get_by_name::<i32>("tokens_used")
-                .unwrap_or_else(|_| missing_field("tokens_used"))
-                .map_or(0, i64::from),
-            cost: tuple
-                .get_by_name::<AnyNumeric>("cost_estimate")
-                .unwrap_or_else(|_| missing_field("cost_estimate"))
-                .unwrap_or_default(),
-            successful: i32::from(
-                tuple
-                    .get_by_name::<bool>("success")
-                    .unwrap_or_else(|_| missing_field("success"))
-                    .unwrap_or(false),
-            ),
-        };
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        call
+        grouping::scan_new_rows(data.tg_newtable, (*data.tg_relation).rd_att, |row| {
+            call = Some(OneCall {
+                user: Uuid::from_bytes(row.user),
+                at: row.at,
+                model: row.model.map(|m| String::from_utf8_lossy(m).into_owned()),
+                key: row.key.map(Uuid::from_bytes),
+                tokens: i64::from(row.tokens.unwrap_or(0)),
+                cost: row
+                    .cost
+                    .and_then(|d| AnyNumeric::from_datum(d, false))
+                    .unwrap_or_default(),
+                successful: i32::from(row.success),
+            });
+            false
+        });
     }
-}
-
-fn missing_field<T>(name: &str) -> T {
-    errors::internal("reading the inserted row", name)
+    call.unwrap_or_else(|| errors::internal("reading the inserted row", "empty transition table"))
 }
 
 /// The business day of an instant: days since 2000-01-01 in `timezone`.
-fn business_day(at: TimestampWithTimeZone, timezone: &str) -> i32 {
+fn business_day(at: i64, timezone: &str) -> i32 {
     let tz = timezone
         .into_datum()
         .unwrap_or_else(|| errors::internal("converting to the business time zone", timezone));
-    grouping::business_day(pg_sys::TimestampTz::from(at), tz)
+    grouping::business_day(at, tz)
 }
 
 /// A single-row INSERT: one upsert (immediate) or one appended row (deferred),
 /// without a grouping query.
 fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &FoldConfig) {
     let call = read_one_call(trigger);
-    let day = business_day(call.created_at, &config.timezone);
+    let day = business_day(call.at, &config.timezone);
     if config.deferred {
         let args = [
             PgOid::from(pg_sys::UUIDOID),
@@ -483,7 +452,9 @@ fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &F
                 call.successful.into(),
                 call.tokens.into(),
                 call.cost.into(),
-                call.created_at.into(),
+                TimestampWithTimeZone::try_from(call.at)
+                    .unwrap_or_else(|e| errors::internal("reading the inserted row", e))
+                    .into(),
             ],
             "appending to pending_deltas",
         );
@@ -500,9 +471,7 @@ fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &F
             successful: i64::from(call.successful),
             tokens: call.tokens,
             cost,
-            last_at_micros: Some(
-                pg_sys::TimestampTz::from(call.created_at) + PG_EPOCH_OFFSET_MICROS,
-            ),
+            last_at_micros: Some(call.at + PG_EPOCH_OFFSET_MICROS),
         },
         false,
     );

@@ -142,6 +142,68 @@ pub fn business_day(at: i64, timezone: pg_sys::Datum) -> i32 {
         .unwrap_or_else(|e| errors::internal("computing the business day", e))
 }
 
+/// One inserted row, as the fold reads it. `model` and `cost` point into the
+/// tuple and are valid only during the callback of [`scan_new_rows`].
+pub struct Row<'a> {
+    pub user: [u8; 16],
+    /// created_at (PostgreSQL microseconds since 2000-01-01).
+    pub at: i64,
+    pub model: Option<&'a [u8]>,
+    pub key: Option<[u8; 16]>,
+    pub tokens: Option<i32>,
+    pub cost: Option<pg_sys::Datum>,
+    pub success: bool,
+}
+
+/// Calls `f` for each row of `store` (the NEW transition table of
+/// key_usage_logs, described by `tupdesc`) until it returns false.
+///
+/// SAFETY: `store` and `tupdesc` belong to the running trigger call.
+pub unsafe fn scan_new_rows(
+    store: *mut pg_sys::Tuplestorestate,
+    tupdesc: pg_sys::TupleDesc,
+    mut f: impl FnMut(&Row<'_>) -> bool,
+) {
+    // The slot and read pointer are private to this function; each tuple's
+    // values are used before the next one is fetched; the slot is dropped before
+    // returning (an error raised in between ends the transaction anyway).
+    let cols = columns(tupdesc);
+    let reader = pg_sys::tuplestore_alloc_read_pointer(store, 0);
+    pg_sys::tuplestore_select_read_pointer(store, reader);
+    pg_sys::tuplestore_rescan(store);
+    let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
+    while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
+        pg_sys::slot_getsomeattrs_int(slot, cols.last);
+        let values = (*slot).tts_values;
+        let nulls = (*slot).tts_isnull;
+        let value = |att: i32| -> Option<pg_sys::Datum> {
+            let i = (att - 1) as usize;
+            (!*nulls.add(i)).then(|| *values.add(i))
+        };
+        let uuid_bytes =
+            |d: pg_sys::Datum| -> [u8; 16] { *(d.cast_mut_ptr::<u8>() as *const [u8; 16]) };
+        let Some(user) = value(cols.user).map(uuid_bytes) else {
+            errors::internal("reading the statement's rows", "user_id is NULL");
+        };
+        let Some(at) = value(cols.created_at).map(|d| d.value() as i64) else {
+            errors::internal("reading the statement's rows", "created_at is NULL");
+        };
+        let row = Row {
+            user,
+            at,
+            model: value(cols.model).map(|d| varlena_bytes(d)),
+            key: value(cols.key).map(uuid_bytes),
+            tokens: value(cols.tokens).map(|d| d.value() as i32),
+            cost: value(cols.cost),
+            success: value(cols.success).is_some_and(|d| d.value() != 0),
+        };
+        if !f(&row) {
+            break;
+        }
+    }
+    pg_sys::ExecDropSingleTupleTableSlot(slot);
+}
+
 /// Groups the rows of `store` (the NEW transition table of key_usage_logs,
 /// described by `tupdesc`). None: a cost could not be summed exactly here or a
 /// model name is not UTF-8; group in SQL instead.
@@ -158,60 +220,33 @@ pub fn group_new_rows(
     let mut groups: FxHashMap<GroupKey, Totals> = FxHashMap::default();
     let mut last_at = i64::MIN;
     let mut last_day = 0;
+    let mut complete = true;
 
-    // SAFETY: the transition table and descriptor belong to this trigger call;
-    // the slot and read pointer are private to this function, each tuple's
-    // values are used before the next one is fetched, and the slot is dropped
-    // before returning.
+    // SAFETY: the caller passes this trigger call's transition table; the cost
+    // datum is decoded inside the callback, while its tuple is current.
     unsafe {
-        let cols = columns(tupdesc);
-        let reader = pg_sys::tuplestore_alloc_read_pointer(store, 0);
-        pg_sys::tuplestore_select_read_pointer(store, reader);
-        pg_sys::tuplestore_rescan(store);
-        let slot = pg_sys::MakeSingleTupleTableSlot(tupdesc, &pg_sys::TTSOpsMinimalTuple);
-        let mut complete = true;
-        while pg_sys::tuplestore_gettupleslot(store, true, false, slot) {
-            pg_sys::slot_getsomeattrs_int(slot, cols.last);
-            let values = (*slot).tts_values;
-            let nulls = (*slot).tts_isnull;
-            let value = |att: i32| -> Option<pg_sys::Datum> {
-                let i = (att - 1) as usize;
-                (!*nulls.add(i)).then(|| *values.add(i))
-            };
-            let uuid_bytes =
-                |d: pg_sys::Datum| -> [u8; 16] { *(d.cast_mut_ptr::<u8>() as *const [u8; 16]) };
-
-            let Some(user) = value(cols.user).map(uuid_bytes) else {
-                errors::internal("reading the statement's rows", "user_id is NULL");
-            };
-            let Some(at) = value(cols.created_at).map(|d| d.value() as i64) else {
-                errors::internal("reading the statement's rows", "created_at is NULL");
-            };
-            if at != last_at {
-                last_day = business_day(at, tz_datum);
-                last_at = at;
+        scan_new_rows(store, tupdesc, |row| {
+            if row.at != last_at {
+                last_day = business_day(row.at, tz_datum);
+                last_at = row.at;
             }
-            let model = match value(cols.model) {
+            let model = match row.model {
                 None => NO_MODEL,
-                Some(d) => {
-                    let bytes = varlena_bytes(d);
-                    match models.get(bytes) {
-                        Some(&id) => id,
-                        None => {
-                            let id = model_names.len() as u32;
-                            models.insert(bytes.to_vec(), id);
-                            model_names.push(bytes.to_vec());
-                            id
-                        }
+                Some(bytes) => match models.get(bytes) {
+                    Some(&id) => id,
+                    None => {
+                        let id = model_names.len() as u32;
+                        models.insert(bytes.to_vec(), id);
+                        model_names.push(bytes.to_vec());
+                        id
                     }
-                }
+                },
             };
-            let key = value(cols.key).map(uuid_bytes);
             let totals = match groups.entry(GroupKey {
-                user,
+                user: row.user,
                 day: last_day,
                 model,
-                key,
+                key: row.key,
             }) {
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => e.insert(Totals {
@@ -220,25 +255,21 @@ pub fn group_new_rows(
                 }),
             };
             totals.calls += 1;
-            if value(cols.success).is_some_and(|d| d.value() != 0) {
-                totals.successful += 1;
-            }
-            if let Some(d) = value(cols.tokens) {
-                totals.tokens += i64::from(d.value() as i32);
-            }
-            if let Some(d) = value(cols.cost) {
+            totals.successful += i64::from(row.success);
+            totals.tokens += i64::from(row.tokens.unwrap_or(0));
+            if let Some(d) = row.cost {
                 let added = decimal::decode(varlena_bytes(d)).and_then(|v| totals.cost.add(v));
                 if added.is_none() {
                     complete = false;
-                    break;
+                    return false;
                 }
             }
-            totals.last_at = totals.last_at.max(at);
-        }
-        pg_sys::ExecDropSingleTupleTableSlot(slot);
-        if !complete {
-            return None;
-        }
+            totals.last_at = totals.last_at.max(row.at);
+            true
+        });
+    }
+    if !complete {
+        return None;
     }
 
     let mut model_text = Vec::with_capacity(model_names.len());
