@@ -9,7 +9,8 @@
 //! removals. Plans are prepared once per backend and kept.
 //!
 //! In deferred mode (`config.fold_mode = 'deferred'`) a small INSERT statement only
-//! appends its rows to `usage_agg.pending_deltas`, which takes no lock on
+//! appends its rows to `usage_agg.pending_deltas` (without SPI, see `pending`),
+//! which takes no lock on
 //! `daily_logs` (one user's calls from many sessions then never queue behind each
 //! other); `apply_pending_deltas()` folds them later with the same upsert, and the
 //! readers add pending rows in, so their numbers stay exact.
@@ -29,6 +30,7 @@ use crate::errors;
 use crate::grouping::{self, PG_EPOCH_OFFSET_MICROS};
 use crate::jsonb::Jsonb;
 use crate::logdata::{self, Correction, DayDelta, GroupRow};
+use crate::pending;
 
 /// Names of the transition tables in `CREATE TRIGGER ... REFERENCING`.
 pub const NEW_ROWS: &str = "usage_agg_new_rows";
@@ -324,6 +326,11 @@ unsafe extern "C-unwind" fn config_invalidated(_arg: pg_sys::Datum, relid: pg_sy
     }
 }
 
+/// The settings, when this backend has them cached (no SPI needed).
+fn cached_config() -> Option<FoldConfig> {
+    CONFIG.with(|c| c.borrow().clone())
+}
+
 fn fold_config(client: &SpiClient<'_>) -> FoldConfig {
     if !CALLBACK_REGISTERED.with(Cell::get) {
         // SAFETY: registers a plain function for the life of the backend.
@@ -332,7 +339,7 @@ fn fold_config(client: &SpiClient<'_>) -> FoldConfig {
         };
         CALLBACK_REGISTERED.with(|r| r.set(true));
     }
-    if let Some(cached) = CONFIG.with(|c| c.borrow().clone()) {
+    if let Some(cached) = cached_config() {
         return cached;
     }
     let row = run_kept(
@@ -399,7 +406,9 @@ fn read_one_call(trigger: &PgTrigger<'_>) -> OneCall {
             call = Some(OneCall {
                 user: Uuid::from_bytes(row.user),
                 at: row.at,
-                model: row.model.map(|m| String::from_utf8_lossy(m).into_owned()),
+                model: row
+                    .model_bytes()
+                    .map(|m| String::from_utf8_lossy(m).into_owned()),
                 key: row.key.map(Uuid::from_bytes),
                 tokens: i64::from(row.tokens.unwrap_or(0)),
                 cost: row
@@ -510,6 +519,20 @@ fn fold_key_usage_logs<'a>(
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
     let has_new = trigger.new_transition_table_name().ok().flatten().is_some();
     let has_old = trigger.old_transition_table_name().ok().flatten().is_some();
+    let new_rows = if has_new { new_row_count(trigger) } else { 0 };
+    if !has_old && new_rows == 0 {
+        return Ok(None);
+    }
+    let config = cached_config().unwrap_or_else(|| Spi::connect(fold_config));
+    let small_insert = !has_old && new_rows <= DEFERRED_MAX_ROWS;
+    // Deferred mode's common case needs no SPI at all (see `pending`).
+    // SAFETY: an INSERT statement's trigger call, with its NEW transition table.
+    if small_insert
+        && config.deferred
+        && unsafe { pending::append_rows(trigger.trigger_data(), &config.timezone) }
+    {
+        return Ok(None);
+    }
 
     Spi::connect_mut(|client| {
         // Make the transition tables visible to SPI queries by name.
@@ -522,12 +545,7 @@ fn fold_key_usage_logs<'a>(
             errors::internal("registering transition tables", rc);
         }
 
-        let new_rows = if has_new { new_row_count(trigger) } else { 0 };
-        if !has_old && new_rows == 0 {
-            return;
-        }
-        let config = fold_config(client);
-        if !has_old && new_rows <= DEFERRED_MAX_ROWS {
+        if small_insert {
             if new_rows == 1 {
                 fold_one_call(client, trigger, &config);
                 return;

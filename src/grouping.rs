@@ -144,15 +144,25 @@ pub fn business_day(at: i64, timezone: pg_sys::Datum) -> i32 {
 
 /// One inserted row, as the fold reads it. `model` and `cost` point into the
 /// tuple and are valid only during the callback of [`scan_new_rows`].
-pub struct Row<'a> {
+pub struct Row {
     pub user: [u8; 16],
     /// created_at (PostgreSQL microseconds since 2000-01-01).
     pub at: i64,
-    pub model: Option<&'a [u8]>,
+    /// model_used, a text datum.
+    pub model: Option<pg_sys::Datum>,
     pub key: Option<[u8; 16]>,
     pub tokens: Option<i32>,
+    /// cost_estimate, a numeric datum.
     pub cost: Option<pg_sys::Datum>,
     pub success: bool,
+}
+
+impl Row {
+    /// The bytes of model_used (detoasted when needed), valid during the callback.
+    pub fn model_bytes(&self) -> Option<&[u8]> {
+        // SAFETY: `model` is a text datum of the current tuple (see scan_new_rows).
+        self.model.map(|d| unsafe { varlena_bytes(d) })
+    }
 }
 
 /// Calls `f` for each row of `store` (the NEW transition table of
@@ -162,7 +172,7 @@ pub struct Row<'a> {
 pub unsafe fn scan_new_rows(
     store: *mut pg_sys::Tuplestorestate,
     tupdesc: pg_sys::TupleDesc,
-    mut f: impl FnMut(&Row<'_>) -> bool,
+    mut f: impl FnMut(&Row) -> bool,
 ) {
     // The slot and read pointer are private to this function; each tuple's
     // values are used before the next one is fetched; the slot is dropped before
@@ -191,7 +201,7 @@ pub unsafe fn scan_new_rows(
         let row = Row {
             user,
             at,
-            model: value(cols.model).map(|d| varlena_bytes(d)),
+            model: value(cols.model),
             key: value(cols.key).map(uuid_bytes),
             tokens: value(cols.tokens).map(|d| d.value() as i32),
             cost: value(cols.cost),
@@ -230,7 +240,7 @@ pub fn group_new_rows(
                 last_day = business_day(row.at, tz_datum);
                 last_at = row.at;
             }
-            let model = match row.model {
+            let model = match row.model_bytes() {
                 None => NO_MODEL,
                 Some(bytes) => match models.get(bytes) {
                     Some(&id) => id,

@@ -7,6 +7,7 @@
 //! - `decimal`: exact sums of `numeric` values in their binary form.
 //! - `errors`: user-facing errors with SQLSTATEs.
 //! - `jsonb`: binary jsonb to and from serde values (no text round trip).
+//! - `pending`: deferred mode's append to `pending_deltas` without SPI.
 //!
 //! Hand-written SQL lives in `sql/` and is pulled in below in dependency order.
 
@@ -18,6 +19,7 @@ mod fold;
 mod grouping;
 mod jsonb;
 pub mod logdata;
+mod pending;
 mod retention;
 
 ::pgrx::pg_module_magic!(name, version);

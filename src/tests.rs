@@ -158,6 +158,137 @@ mod tests {
         );
     }
 
+    /// Deferred mode writes small statements' rows into pending_deltas without
+    /// SPI (`pending`): every row as the SQL append writes it (time zone, DST,
+    /// NULLs, a TOASTed model name), every index entry present; and once the table
+    /// carries something that only the executor enforces, the SQL append again.
+    #[pg_test]
+    fn deferred_append_matches_the_sql_append() {
+        Spi::run(
+            "UPDATE usage_agg.config SET timezone = 'America/New_York', fold_mode = 'deferred'",
+        )
+        .unwrap();
+        let insert = |rows: i32, first: i32| {
+            Spi::run_with_args(
+                "INSERT INTO usage_agg.key_usage_logs
+                        (user_id, shared_key_id, model_used, tokens_used, cost_estimate, success, created_at)
+                 SELECT ('00000000-0000-0000-0000-0000000001' || lpad((i % 3)::text, 2, '0'))::uuid,
+                        CASE WHEN i % 5 = 0 THEN NULL ELSE ('10000000-0000-0000-0000-00000000000' || (i % 2))::uuid END,
+                        CASE WHEN i % 7 = 0 THEN NULL WHEN i % 7 = 1 THEN 'modèle-ü'
+                             WHEN i % 7 = 2 THEN repeat('long-model-', 900) ELSE 'gpt-' || (i % 3) END,
+                        CASE WHEN i % 4 = 0 THEN NULL ELSE i * 11 END,
+                        CASE WHEN i % 6 = 0 THEN NULL WHEN i % 2 = 0 THEN round(i / 7.0, 6) ELSE i END,
+                        i % 9 <> 0,
+                        TIMESTAMPTZ '2026-10-31 22:30-04' + i * interval '4 minutes 7.000003 seconds'
+                   FROM generate_series($2, $2 + $1 - 1) i",
+                &[rows.into(), first.into()],
+            )
+            .unwrap();
+        };
+        insert(64, 1); // one statement, across midnight and the end of DST (06:00 UTC)
+        insert(1, 65);
+        insert(1, 66);
+        insert(2, 67);
+        const DIFFERENCES: &str = "
+            WITH expected AS (
+                SELECT user_id, (created_at AT TIME ZONE 'America/New_York')::date AS day, model_used,
+                       shared_key_id, 1 AS calls, CASE WHEN success THEN 1 ELSE 0 END AS successful,
+                       coalesce(tokens_used, 0)::int8 AS tokens, coalesce(cost_estimate, 0)::text AS cost,
+                       created_at AS last_at
+                  FROM usage_agg.key_usage_logs),
+            pending AS (
+                SELECT user_id, day, model_used, shared_key_id, calls, successful, tokens, cost::text, last_at
+                  FROM usage_agg.pending_deltas)
+            SELECT count(*) FROM ((SELECT * FROM expected EXCEPT ALL SELECT * FROM pending)
+                                  UNION ALL (SELECT * FROM pending EXCEPT ALL SELECT * FROM expected)) d";
+        assert_eq!(one::<i64>(DIFFERENCES), Some(0));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.pending_deltas"),
+            Some(68)
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(DISTINCT day) FROM usage_agg.pending_deltas"),
+            Some(2)
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.daily_logs"),
+            Some(0)
+        );
+        // Every heap tuple has its index entry (amcheck's heapallindexed).
+        Spi::run("CREATE EXTENSION IF NOT EXISTS amcheck").unwrap();
+        Spi::run("SELECT bt_index_check('usage_agg.pending_deltas_user_id_day', true)").unwrap();
+        // Readers see the pending rows through the index.
+        Spi::run("SET LOCAL enable_seqscan = off").unwrap();
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM usage_agg.pending_deltas
+                  WHERE user_id = '00000000-0000-0000-0000-000000000100' AND day = '2026-11-01'"
+            ),
+            one::<i64>(
+                "SELECT count(*) FROM usage_agg.key_usage_logs
+                  WHERE user_id = '00000000-0000-0000-0000-000000000100'
+                    AND (created_at AT TIME ZONE 'America/New_York')::date = '2026-11-01'"
+            )
+        );
+        Spi::run("RESET enable_seqscan").unwrap();
+
+        // A trigger on pending_deltas: rows go through the executor, which fires it.
+        Spi::run(
+            "CREATE FUNCTION pg_temp.mark() RETURNS trigger LANGUAGE plpgsql AS
+                 $f$ BEGIN NEW.tokens := NEW.tokens + 1000000; RETURN NEW; END $f$;
+             CREATE TRIGGER mark BEFORE INSERT ON usage_agg.pending_deltas
+                 FOR EACH ROW EXECUTE FUNCTION pg_temp.mark()",
+        )
+        .unwrap();
+        insert(1, 100);
+        insert(3, 101);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.pending_deltas WHERE tokens >= 1000000"),
+            Some(4)
+        );
+        Spi::run("DROP TRIGGER mark ON usage_agg.pending_deltas").unwrap();
+        // A CHECK constraint (NOT VALID: still checked for new rows): enforced.
+        Spi::run(
+            "UPDATE usage_agg.pending_deltas SET tokens = tokens - 1000000 WHERE tokens >= 1000000",
+        )
+        .unwrap();
+        Spi::run(
+            "ALTER TABLE usage_agg.pending_deltas ADD CONSTRAINT few_tokens CHECK (tokens < 5000) NOT VALID",
+        )
+        .unwrap();
+        let check_error = error_of(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, tokens_used)
+             VALUES ('00000000-0000-0000-0000-000000000100', 5000)",
+        );
+        assert_eq!(
+            check_error.split('|').take(2).collect::<Vec<_>>(),
+            [
+                "23514",
+                "new row for relation \"pending_deltas\" violates check constraint \"few_tokens\""
+            ]
+        );
+        Spi::run("ALTER TABLE usage_agg.pending_deltas DROP CONSTRAINT few_tokens").unwrap();
+        // A unique index: the executor checks it.
+        Spi::run(
+            "CREATE UNIQUE INDEX one_per_instant ON usage_agg.pending_deltas (user_id, last_at)",
+        )
+        .unwrap();
+        assert_eq!(
+            error_of(
+                "INSERT INTO usage_agg.key_usage_logs (user_id, created_at)
+                 VALUES ('00000000-0000-0000-0000-000000000100', TIMESTAMPTZ '2026-10-31 22:30-04' + 3 * interval '4 minutes 7.000003 seconds')"
+            )
+            .split('|')
+            .next(),
+            Some("23505")
+        );
+        // Back to plain: the direct path again, with all index entries.
+        Spi::run("DROP INDEX usage_agg.one_per_instant").unwrap();
+        insert(5, 200);
+        assert_eq!(one::<i64>(DIFFERENCES), Some(0));
+        Spi::run("SELECT bt_index_check('usage_agg.pending_deltas_user_id_day', true)").unwrap();
+    }
+
     #[pg_test]
     fn session_time_zone_does_not_change_the_bucket() {
         Spi::run("SET LOCAL TimeZone = 'America/Los_Angeles'").unwrap();
