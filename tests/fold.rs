@@ -12,8 +12,17 @@ use common::*;
 const SHARED_USER: &str = "aaaaaaaa-0000-0000-0000-000000000000";
 
 #[test]
-fn concurrent_sessions_fold_exactly() {
-    let db = TestDb::new("concurrent_fold");
+fn concurrent_sessions_fold_exactly_immediate() {
+    concurrent_sessions_fold_exactly(FoldMode::Immediate);
+}
+
+#[test]
+fn concurrent_sessions_fold_exactly_deferred() {
+    concurrent_sessions_fold_exactly(FoldMode::Deferred);
+}
+
+fn concurrent_sessions_fold_exactly(mode: FoldMode) {
+    let db = mode.db("concurrent_fold");
     const CLIENTS: usize = 8;
     const CALLS: usize = 300;
     let handles: Vec<_> = (0..CLIENTS)
@@ -46,6 +55,7 @@ fn concurrent_sessions_fold_exactly() {
         verify(&mut c, "2026-07-01", "2026-07-01"),
         Vec::<String>::new()
     );
+    mode.settle(&mut c, (CLIENTS * CALLS) as i64);
     assert_eq!(group_by_mismatches(&mut c), 0);
     // The shared user's day: 8 clients x 150 calls, each 0.01.
     let shared = format!(
@@ -126,15 +136,33 @@ fn copy_is_folded_per_statement() {
 }
 
 #[test]
-fn rolled_back_work_leaves_no_trace() {
-    let db = TestDb::new("rollback");
+fn rolled_back_work_leaves_no_trace_immediate() {
+    rolled_back_work_leaves_no_trace(FoldMode::Immediate);
+}
+
+#[test]
+fn rolled_back_work_leaves_no_trace_deferred() {
+    rolled_back_work_leaves_no_trace(FoldMode::Deferred);
+}
+
+fn rolled_back_work_leaves_no_trace(mode: FoldMode) {
+    let db = mode.db("rollback");
     let mut c = db.connect();
     c.batch_execute(
         "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate, created_at)
          VALUES ('11111111-0000-0000-0000-000000000001', 1, '2026-10-01 10:00+00')",
     )
     .unwrap();
-    let before = scalar_text(&mut c, "SELECT log_data::text FROM usage_agg.daily_logs");
+    let written = "SELECT (SELECT count(*) FROM usage_agg.daily_logs) || ' ' || (SELECT count(*) FROM usage_agg.pending_deltas)";
+    let before = scalar_text(&mut c, written);
+    assert_eq!(
+        before.as_deref(),
+        Some(if mode == FoldMode::Immediate {
+            "1 0"
+        } else {
+            "0 1"
+        })
+    );
 
     let mut tx = c.transaction().unwrap();
     tx.batch_execute(
@@ -145,6 +173,7 @@ fn rolled_back_work_leaves_no_trace() {
     )
     .unwrap();
     tx.rollback().unwrap();
+    assert_eq!(scalar_text(&mut c, written), before);
 
     // A savepoint rolled back inside a committed transaction.
     let mut tx = c.transaction().unwrap();
@@ -159,7 +188,11 @@ fn rolled_back_work_leaves_no_trace() {
     .unwrap();
     tx.commit().unwrap();
 
-    assert_ne!(before, None);
+    assert_eq!(
+        verify(&mut c, "2026-10-01", "2026-10-01"),
+        Vec::<String>::new()
+    );
+    mode.settle(&mut c, 2);
     assert_eq!(
         scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.daily_logs"),
         1
@@ -241,8 +274,17 @@ fn updates_and_deletes_correct_the_aggregate() {
 }
 
 #[test]
-fn concurrent_corrections_and_inserts_stay_exact() {
-    let db = TestDb::new("concurrent_corrections");
+fn concurrent_corrections_and_inserts_stay_exact_immediate() {
+    concurrent_corrections_and_inserts_stay_exact(FoldMode::Immediate);
+}
+
+#[test]
+fn concurrent_corrections_and_inserts_stay_exact_deferred() {
+    concurrent_corrections_and_inserts_stay_exact(FoldMode::Deferred);
+}
+
+fn concurrent_corrections_and_inserts_stay_exact(mode: FoldMode) {
+    let db = mode.db("concurrent_corrections");
     let mut setup = db.connect();
     setup
         .batch_execute(
@@ -288,6 +330,11 @@ fn concurrent_corrections_and_inserts_stay_exact() {
         h.join().unwrap();
     }
     let mut c = db.connect();
+    assert_eq!(
+        verify(&mut c, "2026-10-05", "2026-10-06"),
+        Vec::<String>::new()
+    );
+    mode.settle_all(&mut c);
     assert_eq!(
         verify(&mut c, "2026-10-05", "2026-10-06"),
         Vec::<String>::new()

@@ -41,6 +41,55 @@ impl TestDb {
     }
 }
 
+/// The two values of `usage_agg.config.fold_mode`; tests that must hold in both
+/// run once per mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldMode {
+    Immediate,
+    Deferred,
+}
+
+impl FoldMode {
+    /// A fresh database (named after the test and the mode) in this mode.
+    pub fn db(self, name: &str) -> TestDb {
+        let db = TestDb::new(&format!("{name}_{self:?}").to_lowercase());
+        if self == FoldMode::Deferred {
+            db.connect()
+                .batch_execute("UPDATE usage_agg.config SET fold_mode = 'deferred'")
+                .expect("switch to deferred mode");
+        }
+        db
+    }
+
+    /// Deferred mode: checks that `pending` calls wait in pending_deltas, then
+    /// applies them, so that daily_logs alone holds everything afterwards.
+    pub fn settle(self, c: &mut Client, pending: i64) {
+        let waiting = scalar_i64(c, "SELECT count(*) FROM usage_agg.pending_deltas");
+        match self {
+            FoldMode::Immediate => assert_eq!(waiting, 0, "nothing pends in immediate mode"),
+            FoldMode::Deferred => {
+                assert_eq!(waiting, pending, "pending calls");
+                assert_eq!(
+                    scalar_i64(c, "SELECT usage_agg.apply_pending_deltas()"),
+                    pending
+                );
+            }
+        }
+    }
+
+    /// Like `settle`, where the number of pending calls is not known (corrections
+    /// absorb pending calls of their days): applies all, none may be left.
+    pub fn settle_all(self, c: &mut Client) {
+        if self == FoldMode::Deferred {
+            scalar_i64(c, "SELECT usage_agg.apply_pending_deltas()");
+        }
+        assert_eq!(
+            scalar_i64(c, "SELECT count(*) FROM usage_agg.pending_deltas"),
+            0
+        );
+    }
+}
+
 /// The SQLSTATE of a failed statement.
 pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, postgres::Error>) -> String {
     let err = r.expect_err("the statement should have failed");
