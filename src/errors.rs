@@ -48,6 +48,25 @@ pub fn corrupt_rollup(err: &CorruptField) -> ! {
     unreachable!()
 }
 
+/// A column of key_usage_logs whose type was changed: the fold reads the
+/// columns in their binary form and refuses to guess.
+pub fn changed_column(column: &str, found: &str, expected: &str) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+        format!("usage_agg: column key_usage_logs.{column} has type {found}, the fold needs {expected}"),
+        "usage_agg::fold",
+    )
+    .set_detail(
+        "The fold reads the columns of usage_agg.key_usage_logs in their binary form; \
+         their types are fixed by usage_agg.",
+    )
+    .set_hint(format!(
+        "Change it back: ALTER TABLE usage_agg.key_usage_logs ALTER COLUMN {column} TYPE {expected};"
+    ))
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
 /// Something that should not happen (an SPI failure). Reported as an internal
 /// error with what was being done, never as a Rust panic.
 pub fn internal(what: &str, cause: impl std::fmt::Display) -> ! {

@@ -57,15 +57,25 @@ struct Columns {
     last: i32,
 }
 
+/// Finds the columns by name and checks their types: the values are read in
+/// their binary form, so a column whose type was changed (say tokens_used to
+/// bigint) is refused with an error instead of being misread.
+///
 /// SAFETY: `tupdesc` is the descriptor of key_usage_logs.
 unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
     let natts = (*tupdesc).natts;
-    let find = |name: &str| -> i32 {
+    // (name, accepted types, the type to name in the error)
+    let find = |name: &str, types: &[pg_sys::Oid], expected: &str| -> i32 {
         for i in 0..natts {
             let att = (*tupdesc).attrs.as_ptr().add(i as usize);
             if !(*att).attisdropped {
                 let att_name = std::ffi::CStr::from_ptr((*att).attname.data.as_ptr());
                 if att_name.to_bytes() == name.as_bytes() {
+                    if !types.contains(&(*att).atttypid) {
+                        let found =
+                            std::ffi::CStr::from_ptr(pg_sys::format_type_be((*att).atttypid));
+                        errors::changed_column(name, &found.to_string_lossy(), expected);
+                    }
                     return i + 1;
                 }
             }
@@ -73,13 +83,14 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
         errors::internal("reading the statement's rows", format!("no column {name}"))
     };
     let c = Columns {
-        user: find("user_id"),
-        created_at: find("created_at"),
-        model: find("model_used"),
-        key: find("shared_key_id"),
-        tokens: find("tokens_used"),
-        cost: find("cost_estimate"),
-        success: find("success"),
+        user: find("user_id", &[pg_sys::UUIDOID], "uuid"),
+        created_at: find("created_at", &[pg_sys::TIMESTAMPTZOID], "timestamptz"),
+        // varchar is stored as text is.
+        model: find("model_used", &[pg_sys::TEXTOID, pg_sys::VARCHAROID], "text"),
+        key: find("shared_key_id", &[pg_sys::UUIDOID], "uuid"),
+        tokens: find("tokens_used", &[pg_sys::INT4OID], "integer"),
+        cost: find("cost_estimate", &[pg_sys::NUMERICOID], "numeric"),
+        success: find("success", &[pg_sys::BOOLOID], "boolean"),
         last: 0,
     };
     let last = [

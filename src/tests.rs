@@ -289,6 +289,47 @@ mod tests {
         Spi::run("SELECT bt_index_check('usage_agg.pending_deltas_user_id_day', true)").unwrap();
     }
 
+    /// The fold reads key_usage_logs' columns in binary form: a column whose type
+    /// was changed is refused with 42804 and a hint, in every path, never misread.
+    #[pg_test]
+    fn a_changed_column_type_is_refused() {
+        Spi::run("ALTER TABLE usage_agg.key_usage_logs ALTER COLUMN tokens_used TYPE bigint")
+            .unwrap();
+        let expected = [
+            "42804",
+            "usage_agg: column key_usage_logs.tokens_used has type bigint, the fold needs integer",
+            "The fold reads the columns of usage_agg.key_usage_logs in their binary form; their types are fixed by usage_agg.",
+            "Change it back: ALTER TABLE usage_agg.key_usage_logs ALTER COLUMN tokens_used TYPE integer;",
+        ]
+        .join("|");
+        let one_row = "INSERT INTO usage_agg.key_usage_logs (user_id, tokens_used) VALUES (gen_random_uuid(), 5)";
+        let many_rows = "INSERT INTO usage_agg.key_usage_logs (user_id, tokens_used)
+                         SELECT gen_random_uuid(), i FROM generate_series(1, 100) i";
+        assert_eq!(error_of(one_row), expected);
+        assert_eq!(error_of(many_rows), expected);
+        Spi::run("UPDATE usage_agg.config SET fold_mode = 'deferred'").unwrap();
+        assert_eq!(error_of(one_row), expected);
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.key_usage_logs"),
+            Some(0)
+        );
+        // varchar is read as text is.
+        Spi::run(
+            "ALTER TABLE usage_agg.key_usage_logs ALTER COLUMN tokens_used TYPE integer,
+                                                 ALTER COLUMN model_used TYPE varchar(100)",
+        )
+        .unwrap();
+        Spi::run(one_row).unwrap();
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, model_used) VALUES (gen_random_uuid(), 'm')",
+        )
+        .unwrap();
+        assert_eq!(
+            one::<String>("SELECT string_agg(coalesce(model_used, '-') || ':' || tokens, ',' ORDER BY tokens) FROM usage_agg.pending_deltas"),
+            Some("m:0,-:5".to_string())
+        );
+    }
+
     #[pg_test]
     fn session_time_zone_does_not_change_the_bucket() {
         Spi::run("SET LOCAL TimeZone = 'America/Los_Angeles'").unwrap();
