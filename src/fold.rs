@@ -10,10 +10,10 @@
 //!
 //! In deferred mode (`config.fold_mode = 'deferred'`) a small INSERT statement only
 //! appends its rows to `usage_agg.pending_deltas` (without SPI, see `pending`),
-//! which takes no lock on
-//! `daily_logs` (one user's calls from many sessions then never queue behind each
-//! other); `apply_pending_deltas()` folds them later with the same upsert, and the
-//! readers add pending rows in, so their numbers stay exact.
+//! which takes no lock on `daily_logs` (one user's calls from many sessions then
+//! never queue behind each other); `apply_pending_deltas()` folds them later with
+//! the same upsert, and the readers add pending rows in, so their numbers stay
+//! exact.
 
 use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::BTreeMap;
