@@ -21,13 +21,12 @@ use std::convert::Infallible;
 use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
-use pgrx::datum::TimestampWithTimeZone;
 use pgrx::prelude::*;
 use pgrx::spi::{OwnedPreparedStatement, SpiClient};
-use pgrx::{AnyNumeric, PgOid, Uuid};
+use pgrx::{PgOid, Uuid};
 
 use crate::errors;
-use crate::grouping::{self, PG_EPOCH_OFFSET_MICROS};
+use crate::grouping;
 use crate::jsonb::Jsonb;
 use crate::logdata::{self, Correction, DayDelta, GroupRow};
 use crate::pending;
@@ -125,18 +124,14 @@ const READ_CONFIG: &str = "
            pg_catalog.to_regprocedure('usage_agg._config_changed()') IS NOT NULL
       FROM usage_agg.config c";
 
-/// Single-row statements (the common case): the one row, already bucketed.
+/// Additions to a single (user, day) — every single-row INSERT, the common case:
+/// the same upsert with scalar parameters (no arrays to build and unnest).
 const UPSERT_ONE: &str = "
     INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
     VALUES ($1, DATE '2000-01-01' + $2, $3, pg_catalog.now())
     ON CONFLICT (user_id, date) DO UPDATE
        SET log_data = usage_agg._fold_merge(d.log_data, EXCLUDED.log_data, d.user_id, d.date),
            last_modified = EXCLUDED.last_modified";
-
-const APPEND_ONE: &str = "
-    INSERT INTO usage_agg.pending_deltas
-           (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at)
-    VALUES ($1, DATE '2000-01-01' + $2, $3, $4, 1, $5, $6, $7, $8)";
 
 /// Statements with more rows than this fold at once even in deferred mode: a bulk
 /// load is grouped per (user, day) into far fewer rows than it would append.
@@ -185,7 +180,6 @@ thread_local! {
     static APPEND: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static CONFIG_PLAN: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static UPSERT1: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
-    static APPEND1: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static ABSORB: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
     static TAKE: OnceCell<OwnedPreparedStatement> = const { OnceCell::new() };
 }
@@ -384,126 +378,6 @@ fn new_row_count(trigger: &PgTrigger<'_>) -> i64 {
     unsafe { pg_sys::tuplestore_tuple_count(store) }
 }
 
-/// The one row of a single-row INSERT, read straight from the transition table.
-struct OneCall {
-    user: Uuid,
-    /// created_at, PostgreSQL microseconds since 2000-01-01.
-    at: i64,
-    model: Option<String>,
-    key: Option<Uuid>,
-    tokens: i64,
-    cost: AnyNumeric,
-    successful: i32,
-}
-
-fn read_one_call(trigger: &PgTrigger<'_>) -> OneCall {
-    let data = trigger.trigger_data();
-    let mut call = None;
-    // SAFETY: the transition table and relation belong to this trigger call; the
-    // row's values are copied out inside the callback.
-    unsafe {
-        grouping::scan_new_rows(data.tg_newtable, (*data.tg_relation).rd_att, |row| {
-            call = Some(OneCall {
-                user: Uuid::from_bytes(row.user),
-                at: row.at,
-                model: row
-                    .model_bytes()
-                    .map(|m| String::from_utf8_lossy(m).into_owned()),
-                key: row.key.map(Uuid::from_bytes),
-                tokens: i64::from(row.tokens.unwrap_or(0)),
-                cost: row
-                    .cost
-                    .and_then(|d| AnyNumeric::from_datum(d, false))
-                    .unwrap_or_default(),
-                successful: i32::from(row.success),
-            });
-            false
-        });
-    }
-    call.unwrap_or_else(|| errors::internal("reading the inserted row", "empty transition table"))
-}
-
-/// The business day of an instant: days since 2000-01-01 in `timezone`.
-fn business_day(at: i64, timezone: &str) -> i32 {
-    let tz = timezone
-        .into_datum()
-        .unwrap_or_else(|| errors::internal("converting to the business time zone", timezone));
-    grouping::business_day(at, tz)
-}
-
-/// A single-row INSERT: one upsert (immediate) or one appended row (deferred),
-/// without a grouping query.
-fn fold_one_call(client: &mut SpiClient<'_>, trigger: &PgTrigger<'_>, config: &FoldConfig) {
-    let call = read_one_call(trigger);
-    let day = business_day(call.at, &config.timezone);
-    if config.deferred {
-        let args = [
-            PgOid::from(pg_sys::UUIDOID),
-            PgOid::from(pg_sys::INT4OID),
-            PgOid::from(pg_sys::TEXTOID),
-            PgOid::from(pg_sys::UUIDOID),
-            PgOid::from(pg_sys::INT4OID),
-            PgOid::from(pg_sys::INT8OID),
-            PgOid::from(pg_sys::NUMERICOID),
-            PgOid::from(pg_sys::TIMESTAMPTZOID),
-        ];
-        run_kept(
-            &APPEND1,
-            client,
-            &|| APPEND_ONE.to_string(),
-            &args,
-            true,
-            &[
-                call.user.into(),
-                day.into(),
-                call.model.into(),
-                call.key.into(),
-                call.successful.into(),
-                call.tokens.into(),
-                call.cost.into(),
-                TimestampWithTimeZone::try_from(call.at)
-                    .unwrap_or_else(|e| errors::internal("reading the inserted row", e))
-                    .into(),
-            ],
-            "appending to pending_deltas",
-        );
-        return;
-    }
-    let cost = BigDecimal::from_str(&call.cost.to_string())
-        .unwrap_or_else(|e| errors::internal("reading a cost", e));
-    let mut delta = DayDelta::default();
-    delta.apply(
-        &GroupRow {
-            model: call.model,
-            key: call.key.map(|k| k.to_string()),
-            calls: 1,
-            successful: i64::from(call.successful),
-            tokens: call.tokens,
-            cost,
-            last_at_micros: Some(call.at + PG_EPOCH_OFFSET_MICROS),
-        },
-        false,
-    );
-    let args = [
-        PgOid::from(pg_sys::UUIDOID),
-        PgOid::from(pg_sys::INT4OID),
-        PgOid::from(pg_sys::JSONBOID),
-    ];
-    run_kept(
-        &UPSERT1,
-        client,
-        &|| UPSERT_ONE.to_string(),
-        &args,
-        true,
-        &[
-            call.user.into(),
-            day.into(),
-            Jsonb(delta.to_document()).into(),
-        ],
-        "writing a daily row",
-    );
-}
-
 /// The trigger function. Created by hand in `sql/fold.sql` (it pins its
 /// search_path) and attached to `key_usage_logs` for INSERT, UPDATE and DELETE.
 #[pg_trigger(sql = "
@@ -524,12 +398,10 @@ fn fold_key_usage_logs<'a>(
         return Ok(None);
     }
     let config = cached_config().unwrap_or_else(|| Spi::connect(fold_config));
-    let small_insert = !has_old && new_rows <= DEFERRED_MAX_ROWS;
+    let deferred_append = config.deferred && !has_old && new_rows <= DEFERRED_MAX_ROWS;
     // Deferred mode's common case needs no SPI at all (see `pending`).
     // SAFETY: an INSERT statement's trigger call, with its NEW transition table.
-    if small_insert
-        && config.deferred
-        && unsafe { pending::append_rows(trigger.trigger_data(), &config.timezone) }
+    if deferred_append && unsafe { pending::append_rows(trigger.trigger_data(), &config.timezone) }
     {
         return Ok(None);
     }
@@ -545,23 +417,18 @@ fn fold_key_usage_logs<'a>(
             errors::internal("registering transition tables", rc);
         }
 
-        if small_insert {
-            if new_rows == 1 {
-                fold_one_call(client, trigger, &config);
-                return;
-            }
-            if config.deferred {
-                run_kept(
-                    &APPEND,
-                    client,
-                    &|| APPEND_PENDING.to_string(),
-                    &[PgOid::from(pg_sys::TEXTOID)],
-                    true,
-                    &[config.timezone.as_str().into()],
-                    "appending to pending_deltas",
-                );
-                return;
-            }
+        if deferred_append {
+            // pending_deltas was changed (see `pending`): append through INSERT.
+            run_kept(
+                &APPEND,
+                client,
+                &|| APPEND_PENDING.to_string(),
+                &[PgOid::from(pg_sys::TEXTOID)],
+                true,
+                &[config.timezone.as_str().into()],
+                "appending to pending_deltas",
+            );
+            return;
         }
 
         let mut rows = Vec::new();
@@ -748,7 +615,25 @@ fn write_groups(client: &mut SpiClient<'_>, groups: BTreeMap<Key, DayDelta>, tim
         );
     }
 
-    if !add_users.is_empty() {
+    if add_users.len() == 1 {
+        run_kept(
+            &UPSERT1,
+            client,
+            &|| UPSERT_ONE.to_string(),
+            &[
+                PgOid::from(pg_sys::UUIDOID),
+                PgOid::from(pg_sys::INT4OID),
+                PgOid::from(pg_sys::JSONBOID),
+            ],
+            true,
+            &[
+                add_users[0].into(),
+                add_days[0].into(),
+                add_docs.remove(0).into(),
+            ],
+            "writing a daily row",
+        );
+    } else if !add_users.is_empty() {
         run_kept(
             &UPSERT,
             client,

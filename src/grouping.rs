@@ -136,9 +136,39 @@ unsafe fn varlena_bytes<'a>(datum: pg_sys::Datum) -> &'a [u8] {
     }
 }
 
+/// Business days of a statement's rows: converted once per run of equal
+/// timestamps (rows of one statement defaulting to `now()` share it).
+pub struct BusinessDays {
+    timezone: pg_sys::Datum,
+    last_at: i64,
+    last_day: i32,
+}
+
+impl BusinessDays {
+    pub fn new(timezone: &str) -> BusinessDays {
+        let timezone = timezone
+            .into_datum()
+            .unwrap_or_else(|| errors::internal("reading the statement's rows", "time zone"));
+        BusinessDays {
+            timezone,
+            last_at: i64::MIN,
+            last_day: 0,
+        }
+    }
+
+    /// The business day of `at` (PostgreSQL microseconds).
+    pub fn of(&mut self, at: i64) -> i32 {
+        if at != self.last_at {
+            self.last_day = business_day(at, self.timezone);
+            self.last_at = at;
+        }
+        self.last_day
+    }
+}
+
 /// The business day (days since 2000-01-01) of a timestamptz in `timezone`, as
 /// `(created_at AT TIME ZONE timezone)::date` computes it.
-pub fn business_day(at: i64, timezone: pg_sys::Datum) -> i32 {
+fn business_day(at: i64, timezone: pg_sys::Datum) -> i32 {
     // SAFETY: timestamptz_zone(text, timestamptz) is a plain builtin; an error
     // (a timestamp out of range) is raised as a PostgreSQL error.
     let local = unsafe {
@@ -233,24 +263,16 @@ pub fn group_new_rows(
     tupdesc: pg_sys::TupleDesc,
     timezone: &str,
 ) -> Option<Vec<Grouped>> {
-    let tz_datum = timezone
-        .into_datum()
-        .unwrap_or_else(|| errors::internal("reading the statement's rows", "time zone"));
+    let mut days = BusinessDays::new(timezone);
     let mut models: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
     let mut model_names: Vec<Vec<u8>> = Vec::new();
     let mut groups: FxHashMap<GroupKey, Totals> = FxHashMap::default();
-    let mut last_at = i64::MIN;
-    let mut last_day = 0;
     let mut complete = true;
 
     // SAFETY: the caller passes this trigger call's transition table; the cost
     // datum is decoded inside the callback, while its tuple is current.
     unsafe {
         scan_new_rows(store, tupdesc, |row| {
-            if row.at != last_at {
-                last_day = business_day(row.at, tz_datum);
-                last_at = row.at;
-            }
             let model = match row.model_bytes() {
                 None => NO_MODEL,
                 Some(bytes) => match models.get(bytes) {
@@ -265,7 +287,7 @@ pub fn group_new_rows(
             };
             let totals = match groups.entry(GroupKey {
                 user: row.user,
-                day: last_day,
+                day: days.of(row.at),
                 model,
                 key: row.key,
             }) {

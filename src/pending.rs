@@ -15,9 +15,7 @@
 //! otherwise it writes nothing and the caller appends through SPI as before.
 
 use pgrx::pg_sys;
-use pgrx::prelude::*;
 
-use crate::errors;
 use crate::grouping;
 
 /// The columns of pending_deltas, in order, as `sql/schema.sql` creates them:
@@ -61,21 +59,14 @@ pub unsafe fn append_rows(data: &pg_sys::TriggerData, timezone: &str) -> bool {
         return false;
     };
 
-    let tz = timezone
-        .into_datum()
-        .unwrap_or_else(|| errors::internal("appending to pending_deltas", "time zone"));
+    let mut days = grouping::BusinessDays::new(timezone);
     let zero_cost = pg_sys::Datum::from(pg_sys::int64_to_numeric(0));
     let descriptor = (*relation).rd_att;
-    let (mut last_at, mut last_day) = (i64::MIN, 0);
     grouping::scan_new_rows(data.tg_newtable, (*data.tg_relation).rd_att, |row| {
-        if row.at != last_at {
-            last_day = grouping::business_day(row.at, tz);
-            last_at = row.at;
-        }
         // uuid datums are pointers to their 16 bytes; heap_form_tuple copies.
         let mut values = [
             pg_sys::Datum::from(row.user.as_ptr()),
-            pg_sys::Datum::from(last_day),
+            pg_sys::Datum::from(days.of(row.at)),
             row.model.unwrap_or(pg_sys::Datum::from(0usize)),
             row.key.as_ref().map_or(pg_sys::Datum::from(0usize), |k| {
                 pg_sys::Datum::from(k.as_ptr())
