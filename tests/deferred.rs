@@ -15,18 +15,6 @@ use postgres::Client;
 
 const HOT_USER: &str = "d0000000-0000-0000-0000-000000000000";
 
-fn deferred_db(name: &str) -> TestDb {
-    let db = TestDb::new(name);
-    db.connect()
-        .batch_execute("UPDATE usage_agg.config SET fold_mode = 'deferred'")
-        .unwrap();
-    db
-}
-
-fn pending(c: &mut Client) -> i64 {
-    scalar_i64(c, "SELECT count(*) FROM usage_agg.pending_deltas")
-}
-
 fn all_time(c: &mut Client, user: &str) -> String {
     scalar_text(
         c,
@@ -40,7 +28,7 @@ fn all_time(c: &mut Client, user: &str) -> String {
 
 #[test]
 fn hot_user_from_many_sessions_with_concurrent_apply_is_exact() {
-    let db = deferred_db("deferred_hot_user");
+    let db = FoldMode::Deferred.db("hot_user");
     const CLIENTS: usize = 16;
     const CALLS: usize = 150;
     let stop = Arc::new(AtomicBool::new(false));
@@ -128,7 +116,7 @@ fn hot_user_from_many_sessions_with_concurrent_apply_is_exact() {
 
 #[test]
 fn rollback_copy_bulk_and_corrections_stay_exact() {
-    let db = deferred_db("deferred_corrections");
+    let db = FoldMode::Deferred.db("corrections");
     let mut c = db.connect();
     let u = "d1000000-0000-0000-0000-000000000001";
     let v = "d1000000-0000-0000-0000-000000000002";
@@ -203,7 +191,7 @@ fn rollback_copy_bulk_and_corrections_stay_exact() {
 
 #[test]
 fn request_id_races_count_once() {
-    let db = deferred_db("deferred_request_id");
+    let db = FoldMode::Deferred.db("request_id");
     let handles: Vec<_> = (0..8)
         .map(|_| {
             let mut w = db.connect();
@@ -236,7 +224,7 @@ fn request_id_races_count_once() {
 
 #[test]
 fn switching_modes_and_maintenance_keep_totals() {
-    let db = deferred_db("deferred_switch");
+    let db = FoldMode::Deferred.db("switch");
     let mut c = db.connect();
     let u = "d3000000-0000-0000-0000-000000000001";
     // Pending calls for today and for a day 120 days back (late data).

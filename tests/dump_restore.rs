@@ -36,6 +36,13 @@ fn fingerprint(c: &mut Client) -> Vec<String> {
     .collect()
 }
 
+/// A PostgreSQL client program connected to the test cluster as postgres.
+fn pg_tool(program: &str) -> Command {
+    let mut cmd = Command::new(format!("{PG_BIN}/{program}"));
+    cmd.args(["-h", "127.0.0.1", "-p", &port(), "-U", "postgres"]);
+    cmd
+}
+
 fn run(cmd: &mut Command) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(
@@ -87,18 +94,7 @@ fn dump_and_restore_keep_everything() {
     let summaries_before = summaries(&mut c);
 
     let dump = std::env::temp_dir().join(format!("usage_agg_dump_{}.pgdump", std::process::id()));
-    run(Command::new(format!("{PG_BIN}/pg_dump")).args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port(),
-        "-U",
-        "postgres",
-        "-Fc",
-        "-f",
-        dump.to_str().unwrap(),
-        &source.name,
-    ]));
+    run(pg_tool("pg_dump").args(["-Fc", "-f", dump.to_str().unwrap(), &source.name]));
     // The source, as readers see it, once its pending calls are applied.
     c.batch_execute("SELECT usage_agg.apply_pending_deltas()")
         .unwrap();
@@ -114,18 +110,7 @@ fn dump_and_restore_keep_everything() {
     admin
         .batch_execute(&format!("CREATE DATABASE {target}"))
         .unwrap();
-    run(Command::new(format!("{PG_BIN}/pg_restore")).args([
-        "-h",
-        "127.0.0.1",
-        "-p",
-        &port(),
-        "-U",
-        "postgres",
-        "--exit-on-error",
-        "-d",
-        target,
-        dump.to_str().unwrap(),
-    ]));
+    run(pg_tool("pg_restore").args(["--exit-on-error", "-d", target, dump.to_str().unwrap()]));
     std::fs::remove_file(&dump).ok();
     let mut t = Client::connect(&dsn_for(target), postgres::NoTls).unwrap();
     t.batch_execute("SELECT usage_agg.post_restore()").unwrap();

@@ -61,17 +61,17 @@ impl FoldMode {
         db
     }
 
-    /// Deferred mode: checks that `pending` calls wait in pending_deltas, then
+    /// Deferred mode: checks that `expected` calls wait in pending_deltas, then
     /// applies them, so that daily_logs alone holds everything afterwards.
-    pub fn settle(self, c: &mut Client, pending: i64) {
-        let waiting = scalar_i64(c, "SELECT count(*) FROM usage_agg.pending_deltas");
+    pub fn settle(self, c: &mut Client, expected: i64) {
+        let waiting = pending(c);
         match self {
             FoldMode::Immediate => assert_eq!(waiting, 0, "nothing pends in immediate mode"),
             FoldMode::Deferred => {
-                assert_eq!(waiting, pending, "pending calls");
+                assert_eq!(waiting, expected, "pending calls");
                 assert_eq!(
                     scalar_i64(c, "SELECT usage_agg.apply_pending_deltas()"),
-                    pending
+                    expected
                 );
             }
         }
@@ -83,11 +83,13 @@ impl FoldMode {
         if self == FoldMode::Deferred {
             scalar_i64(c, "SELECT usage_agg.apply_pending_deltas()");
         }
-        assert_eq!(
-            scalar_i64(c, "SELECT count(*) FROM usage_agg.pending_deltas"),
-            0
-        );
+        assert_eq!(pending(c), 0);
     }
+}
+
+/// Calls waiting in pending_deltas (deferred mode).
+pub fn pending(c: &mut Client) -> i64 {
+    scalar_i64(c, "SELECT count(*) FROM usage_agg.pending_deltas")
 }
 
 /// The SQLSTATE of a failed statement.
