@@ -9,6 +9,8 @@
 #   usage_agg usage_agg, config.fold_mode = 'immediate' (the default)
 #   deferred  usage_agg, config.fold_mode = 'deferred'
 #   plpgsql   a hand-written row-level PL/pgSQL trigger, same JSONB layout (plpgsql_trigger.sql)
+#   empty_trigger  bare plus a statement trigger with a transition table that does
+#             nothing (empty_trigger.sql): the floor of any trigger-based fold
 #
 #   bash bench/run.sh                                   # everything, defaults below
 #   BENCH_WORKLOADS="single hot" BENCH_SECONDS=10 bash bench/run.sh
@@ -26,7 +28,7 @@ WORKLOADS="${BENCH_WORKLOADS:-single hot bulk quota reads cleanup}"
 READ_ROWS_M="${BENCH_READ_ROWS_M:-10}"          # millions of detail rows for the read workload
 CLEANUP_SECONDS="${BENCH_CLEANUP_SECONDS:-90}"  # insert load around the 1M-row cleanup
 OUT="${BENCH_OUT:-$BENCH/results/latest.md}"
-CONTENDERS=(bare usage_agg deferred plpgsql)
+CONTENDERS=(bare usage_agg deferred plpgsql empty_trigger)
 TMP="$(mktemp -d)"
 chmod 755 "$TMP"
 RAW="$TMP/raw"
@@ -46,6 +48,7 @@ for c in "${CONTENDERS[@]}"; do
 done
 ua_psql "$PORT" bench_bare -f "$BENCH/bare.sql" >/dev/null
 ua_psql "$PORT" bench_plpgsql -f "$BENCH/plpgsql_trigger.sql" >/dev/null
+ua_psql "$PORT" bench_empty_trigger -f "$BENCH/bare.sql" -f "$BENCH/empty_trigger.sql" >/dev/null
 ua_psql "$PORT" bench_deferred -c "UPDATE usage_agg.config SET fold_mode = 'deferred'" >/dev/null
 
 reset_tables() {
@@ -233,26 +236,29 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
     echo "- pgbench -M prepared, ${SECONDS_PER_RUN} s per run, 10,000 users, 4 keys, 3 models; medians of $ROUNDS rounds (bulk: $BULK_ROUNDS); latencies from per-transaction logs"
     echo
     if has single || has hot || has bulk; then
-    echo "| workload | bare | usage_agg (immediate) | usage_agg (deferred) | PL/pgSQL trigger | immediate / bare | deferred / bare | immediate / PL/pgSQL | deferred / PL/pgSQL |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    echo "| workload | bare | usage_agg (immediate) | usage_agg (deferred) | PL/pgSQL trigger | empty trigger | immediate / bare | deferred / bare | immediate / PL/pgSQL | deferred / PL/pgSQL | deferred / empty trigger |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     rows=()
     has single && for n in $CLIENTS; do rows+=("single_$n|single-row insert, $n clients"); done
     has hot && rows+=("hot_16|one hot user, 16 clients")
     for r in "${rows[@]}"; do
         w="${r%%|*}"; name="${r#*|}"
-        b=$(get "$w" bare); u=$(get "$w" usage_agg); d=$(get "$w" deferred); p=$(get "$w" plpgsql)
-        echo "| $name: tps | $(fmt "$b") | $(fmt "$u") | $(fmt "$d") | $(fmt "$p") | $(ratio "$u" "$b") | $(ratio "$d" "$b") | $(ratio "$u" "$p") | $(ratio "$d" "$p") |"
-        echo "| $name: p50 / p99 ms | $(fmt "$(get "$w" bare 4)" 2) / $(fmt "$(get "$w" bare 5)" 2) | $(fmt "$(get "$w" usage_agg 4)" 2) / $(fmt "$(get "$w" usage_agg 5)" 2) | $(fmt "$(get "$w" deferred 4)" 2) / $(fmt "$(get "$w" deferred 5)" 2) | $(fmt "$(get "$w" plpgsql 4)" 2) / $(fmt "$(get "$w" plpgsql 5)" 2) | | | | |"
+        b=$(get "$w" bare); u=$(get "$w" usage_agg); d=$(get "$w" deferred); p=$(get "$w" plpgsql); e=$(get "$w" empty_trigger)
+        echo "| $name: tps | $(fmt "$b") | $(fmt "$u") | $(fmt "$d") | $(fmt "$p") | $(fmt "$e") | $(ratio "$u" "$b") | $(ratio "$d" "$b") | $(ratio "$u" "$p") | $(ratio "$d" "$p") | $(ratio "$d" "$e") |"
+        echo -n "| $name: p50 / p99 ms |"
+        for c in bare usage_agg deferred plpgsql empty_trigger; do echo -n " $(fmt "$(get "$w" "$c" 4)" 2) / $(fmt "$(get "$w" "$c" 5)" 2) |"; done
+        echo " | | | | |"
     done
     if has bulk; then
         for w in "bulk_insert|1,000,000-row INSERT ... SELECT: ms" "bulk_copy|1,000,000-row COPY: ms"; do
             k="${w%%|*}"; name="${w#*|}"
-            b=$(get "$k" bare); u=$(get "$k" usage_agg); d=$(get "$k" deferred); p=$(get "$k" plpgsql)
-            echo "| $name (lower is better) | $(fmt "$b") | $(fmt "$u") | $(fmt "$d") | $(fmt "$p") | $(ratio "$u" "$b") | $(ratio "$d" "$b") | $(ratio "$u" "$p") | $(ratio "$d" "$p") |"
+            b=$(get "$k" bare); u=$(get "$k" usage_agg); d=$(get "$k" deferred); p=$(get "$k" plpgsql); e=$(get "$k" empty_trigger)
+            echo "| $name (lower is better) | $(fmt "$b") | $(fmt "$u") | $(fmt "$d") | $(fmt "$p") | $(fmt "$e") | $(ratio "$u" "$b") | $(ratio "$d" "$b") | $(ratio "$u" "$p") | $(ratio "$d" "$p") | $(ratio "$d" "$e") |"
         done
     fi
     echo
-    echo "Errors (failed or aborted pgbench transactions) across all insert runs: bare $(awk '$1 ~ /^(single|hot)/ && $2=="bare" {s+=$6} END {print s+0}' "$RAW"), usage_agg $(awk '$1 ~ /^(single|hot)/ && $2=="usage_agg" {s+=$6} END {print s+0}' "$RAW"), deferred $(awk '$1 ~ /^(single|hot)/ && $2=="deferred" {s+=$6} END {print s+0}' "$RAW"), PL/pgSQL $(awk '$1 ~ /^(single|hot)/ && $2=="plpgsql" {s+=$6} END {print s+0}' "$RAW"); deadlocks reported by the server: ${DEADLOCKS_INSERTS:-n/a}."
+    errors_of() { awk -v c="$1" '$1 ~ /^(single|hot)/ && $2 == c {s += $6} END {print s + 0}' "$RAW"; }
+    echo "Errors (failed or aborted pgbench transactions) across all insert runs: bare $(errors_of bare), usage_agg $(errors_of usage_agg), deferred $(errors_of deferred), PL/pgSQL $(errors_of plpgsql), empty trigger $(errors_of empty_trigger); deadlocks reported by the server: ${DEADLOCKS_INSERTS:-n/a}."
     if grep -q '^apply_' "$RAW"; then
         echo
         echo "Deferred mode postpones work: \`apply_pending_deltas()\` after the runs (median ms / calls applied):"
