@@ -66,6 +66,14 @@ check_fold() {
     [ "$bad" = "0" ] || { echo "verify_daily_logs found $bad differences $3 in bench_$1" >&2; exit 1; }
 }
 
+# check_and_empty CONTENDER WHEN: after an insert run, checks usage_agg's fold
+# and empties the tables at once; rows left behind would be autovacuumed while
+# the next contender runs (a million after a bulk load).
+check_and_empty() {
+    case "$1" in usage_agg | deferred) check_fold "$1" 3 "$2" ;; esac
+    reset_tables "$1"
+}
+
 deadlocks() { ua_psql "$PORT" postgres -At -c "SELECT sum(deadlocks) FROM pg_stat_database"; }
 
 # run_pgbench LABEL CONTENDER CLIENTS SCRIPT: appends
@@ -109,6 +117,7 @@ if has single || has hot; then
                 reset_tables "$c"
                 run_pgbench "single_$n" "$c" "$n" "$BENCH/insert_one.pgbench"
                 [ "$c" = deferred ] && apply_pending "single_$n"
+                check_and_empty "$c" "after the single-row runs"
             done
         done
         if has hot; then
@@ -116,11 +125,11 @@ if has single || has hot; then
                 reset_tables "$c"
                 run_pgbench hot_16 "$c" 16 "$BENCH/insert_hot.pgbench"
                 [ "$c" = deferred ] && apply_pending hot_16
+                check_and_empty "$c" "after the hot-user runs"
             done
         fi
     done
     DEADLOCKS_INSERTS=$(( $(deadlocks) - before ))
-    for c in usage_agg deferred; do check_fold "$c" 3 "after the single-row runs"; done
 fi
 
 # ---------------------------------------------------------------------------
@@ -138,10 +147,7 @@ if has bulk; then
             ms=$(( ($(date +%s%N) - t0) / 1000000 ))
             echo "bulk_copy $c $ms" >>"$RAW"
             ua_log "round $round: 1,000,000-row COPY, $c: $ms ms"
-            case "$c" in usage_agg | deferred) check_fold "$c" 3 "after the bulk load" ;; esac
-            # Emptied at once: a million rows left behind would be autovacuumed
-            # while the next contender loads (or the next workload runs).
-            reset_tables "$c"
+            check_and_empty "$c" "after the bulk load"
         done
     done
     rm -f "$TMP/copy_1m.csv"
