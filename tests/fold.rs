@@ -11,15 +11,27 @@ use common::*;
 
 const SHARED_USER: &str = "aaaaaaaa-0000-0000-0000-000000000000";
 
-#[test]
-fn concurrent_sessions_fold_exactly_immediate() {
-    concurrent_sessions_fold_exactly(FoldMode::Immediate);
+/// Runs `name(mode)` as two tests, `name::immediate` and `name::deferred`: the
+/// deferred mode must pass the same exactness and concurrency tests.
+macro_rules! in_both_fold_modes {
+    ($name:ident) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn immediate() {
+                super::$name(FoldMode::Immediate);
+            }
+
+            #[test]
+            fn deferred() {
+                super::$name(FoldMode::Deferred);
+            }
+        }
+    };
 }
 
-#[test]
-fn concurrent_sessions_fold_exactly_deferred() {
-    concurrent_sessions_fold_exactly(FoldMode::Deferred);
-}
+in_both_fold_modes!(concurrent_sessions_fold_exactly);
 
 fn concurrent_sessions_fold_exactly(mode: FoldMode) {
     let db = mode.db("concurrent_fold");
@@ -135,15 +147,7 @@ fn copy_is_folded_per_statement() {
     );
 }
 
-#[test]
-fn rolled_back_work_leaves_no_trace_immediate() {
-    rolled_back_work_leaves_no_trace(FoldMode::Immediate);
-}
-
-#[test]
-fn rolled_back_work_leaves_no_trace_deferred() {
-    rolled_back_work_leaves_no_trace(FoldMode::Deferred);
-}
+in_both_fold_modes!(rolled_back_work_leaves_no_trace);
 
 fn rolled_back_work_leaves_no_trace(mode: FoldMode) {
     let db = mode.db("rollback");
@@ -273,15 +277,7 @@ fn updates_and_deletes_correct_the_aggregate() {
     );
 }
 
-#[test]
-fn concurrent_corrections_and_inserts_stay_exact_immediate() {
-    concurrent_corrections_and_inserts_stay_exact(FoldMode::Immediate);
-}
-
-#[test]
-fn concurrent_corrections_and_inserts_stay_exact_deferred() {
-    concurrent_corrections_and_inserts_stay_exact(FoldMode::Deferred);
-}
+in_both_fold_modes!(concurrent_corrections_and_inserts_stay_exact);
 
 fn concurrent_corrections_and_inserts_stay_exact(mode: FoldMode) {
     let db = mode.db("concurrent_corrections");
