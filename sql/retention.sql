@@ -261,26 +261,45 @@ COMMENT ON FUNCTION usage_agg.run_maintenance() IS
     'Runs apply_pending_deltas, cleanup_old_key_usage_logs, cleanup_old_daily_logs and reset_expired_quotas, each logged in usage_agg.maintenance_runs; a failing step does not stop the others';
 
 -- Per step: the last run, the last success, and whether a success is overdue
--- (none within 25 hours: the nightly schedule plus an hour).
+-- (none within 25 hours: the nightly schedule plus an hour). The last row is the
+-- background fold: overdue when a call has been pending longer than
+-- config.pending_alert_after, or a day could not be folded.
 CREATE VIEW usage_agg.maintenance_health AS
-SELECT s.step,
-       last_run.started AS last_run_at,
-       last_run.ok AS last_run_ok,
-       last_run.error AS last_error,
-       last_ok.finished AS last_success_at,
-       last_ok.rows AS last_success_rows,
-       interval '25 hours' AS overdue_after,
-       (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') AS overdue
-  FROM (VALUES (0, 'apply_pending_deltas'), (1, 'cleanup_old_key_usage_logs'), (2, 'cleanup_old_daily_logs'),
-               (3, 'reset_expired_quotas'))
-       AS s(ord, step)
-  LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r
-                      WHERE r.step = s.step ORDER BY r.started DESC LIMIT 1) last_run ON true
-  LEFT JOIN LATERAL (SELECT r.finished, r.rows FROM usage_agg.maintenance_runs r
-                      WHERE r.step = s.step AND r.ok ORDER BY r.started DESC LIMIT 1) last_ok ON true
- ORDER BY s.ord;
+SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.last_success_rows,
+       h.overdue_after, h.overdue
+  FROM (SELECT s.ord, s.step,
+               last_run.started AS last_run_at,
+               last_run.ok AS last_run_ok,
+               last_run.error AS last_error,
+               last_ok.finished AS last_success_at,
+               last_ok.rows AS last_success_rows,
+               interval '25 hours' AS overdue_after,
+               (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') AS overdue
+          FROM (VALUES (0, 'apply_pending_deltas'), (1, 'cleanup_old_key_usage_logs'), (2, 'cleanup_old_daily_logs'),
+                       (3, 'reset_expired_quotas'))
+               AS s(ord, step)
+          LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r
+                              WHERE r.step = s.step ORDER BY r.started DESC LIMIT 1) last_run ON true
+          LEFT JOIN LATERAL (SELECT r.finished, r.rows FROM usage_agg.maintenance_runs r
+                              WHERE r.step = s.step AND r.ok ORDER BY r.started DESC LIMIT 1) last_ok ON true
+        UNION ALL
+        SELECT 4, 'background_fold',
+               a.last_run_at,
+               CASE WHEN a.running THEN a.state = 'running' END,
+               CASE WHEN sk.days > 0 THEN sk.days || ' day(s) could not be folded: see usage_agg.fold_skipped'
+                    WHEN a.errors > 0 AND NOT a.running THEN 'the applier stopped after errors: see the server log'
+               END,
+               a.last_run_at,
+               a.applied_last_minute,
+               c.pending_alert_after,
+               COALESCE(p.oldest < now() - c.pending_alert_after, false) OR sk.days > 0
+          FROM usage_agg.config c
+         CROSS JOIN usage_agg._applier_state() a
+         CROSS JOIN (SELECT min(q.appended_at) AS oldest FROM usage_agg.pending_deltas q) p
+         CROSS JOIN (SELECT count(*) AS days FROM usage_agg.fold_skipped) sk) h
+ ORDER BY h.ord;
 COMMENT ON VIEW usage_agg.maintenance_health IS
-    'Per maintenance step: last run, last success and its rows, and overdue when no success within overdue_after';
+    'Per maintenance step: last run, last success and its rows, and overdue when no success within overdue_after; background_fold: overdue when a call waits longer than config.pending_alert_after or a day could not be folded';
 
 -- ---------------------------------------------------------------------------
 -- pg_cron scheduling. pg_cron is optional: it is looked up at call time.

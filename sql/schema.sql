@@ -10,8 +10,12 @@ CREATE TABLE usage_agg.config (
     detail_retention   interval NOT NULL DEFAULT '30 days',
     daily_retention    interval NOT NULL DEFAULT '90 days',
     cleanup_batch_size integer  NOT NULL DEFAULT 10000,
-    fold_mode          text     NOT NULL DEFAULT 'immediate',
-    CONSTRAINT config_fold_mode_known CHECK (fold_mode IN ('immediate', 'deferred')),
+    fold_mode          text     NOT NULL DEFAULT 'auto',
+    apply_interval     interval NOT NULL DEFAULT '500 milliseconds',
+    pending_alert_after interval NOT NULL DEFAULT '5 minutes',
+    CONSTRAINT config_fold_mode_known CHECK (fold_mode IN ('auto', 'async', 'immediate')),
+    CONSTRAINT config_apply_interval_range CHECK (apply_interval BETWEEN interval '10 milliseconds' AND interval '1 hour'),
+    CONSTRAINT config_pending_alert_after_positive CHECK (pending_alert_after > interval '0'),
     CONSTRAINT config_detail_retention_positive CHECK (detail_retention > interval '0'),
     CONSTRAINT config_daily_retention_covers_detail CHECK (daily_retention >= detail_retention),
     CONSTRAINT config_cleanup_batch_size_range CHECK (cleanup_batch_size BETWEEN 1 AND 1000000)
@@ -24,13 +28,21 @@ COMMENT ON TABLE usage_agg.config IS
 COMMENT ON COLUMN usage_agg.config.timezone IS
     'Business time zone (IANA name) that decides which day a call belongs to';
 COMMENT ON COLUMN usage_agg.config.fold_mode IS
-    'immediate: every statement updates daily_logs; deferred: small inserts append to pending_deltas, folded by apply_pending_deltas()';
+    'auto: async while a background applier serves this database, immediate otherwise; async (formerly deferred): inserts record their calls in pending_deltas, folded by the applier or apply_pending_deltas(); immediate: every statement updates daily_logs';
+COMMENT ON COLUMN usage_agg.config.apply_interval IS
+    'How often the background applier folds pending calls (sooner while a backlog remains)';
+COMMENT ON COLUMN usage_agg.config.pending_alert_after IS
+    'maintenance_health reports the fold as overdue when a call has been pending longer than this';
 
 CREATE FUNCTION usage_agg._config_validate() RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- The name of async mode before 0.3.0.
+    IF NEW.fold_mode = 'deferred' THEN
+        NEW.fold_mode := 'async';
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names WHERE name = NEW.timezone) THEN
         RAISE EXCEPTION 'usage_agg: invalid time zone "%"', NEW.timezone
             USING ERRCODE = 'invalid_parameter_value',
@@ -45,7 +57,9 @@ BEGIN
                detail_retention = NEW.detail_retention,
                daily_retention = NEW.daily_retention,
                cleanup_batch_size = NEW.cleanup_batch_size,
-               fold_mode = NEW.fold_mode;
+               fold_mode = NEW.fold_mode,
+               apply_interval = NEW.apply_interval,
+               pending_alert_after = NEW.pending_alert_after;
         RETURN NULL;
     END IF;
     RETURN NEW;
@@ -122,8 +136,9 @@ COMMENT ON TABLE usage_agg.daily_logs IS
     'Keys of log_data other than api_call_count, shared_service_usage and last_api_call_at belong to the application.';
 
 -- ---------------------------------------------------------------------------
--- Deferred mode: calls appended by the fold, not yet in daily_logs. Readers add
--- them in; apply_pending_deltas() folds them (run_maintenance does, too).
+-- Asynchronous fold: calls recorded by the fold, not yet in daily_logs. Readers
+-- add them in; the background applier (or apply_pending_deltas()) folds them.
+-- A row is one call, or one (user, day, model, key) group of a bulk statement.
 -- ---------------------------------------------------------------------------
 CREATE TABLE usage_agg.pending_deltas (
     user_id       uuid        NOT NULL,
@@ -134,11 +149,30 @@ CREATE TABLE usage_agg.pending_deltas (
     successful    integer     NOT NULL,
     tokens        bigint      NOT NULL,
     cost          numeric     NOT NULL,
-    last_at       timestamptz NOT NULL
-);
+    last_at       timestamptz NOT NULL,
+    appended_at   timestamptz NOT NULL DEFAULT now()
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+        autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000);
+-- Every row is deleted soon after it is written: vacuum it by count, not by size.
 CREATE INDEX pending_deltas_user_id_day ON usage_agg.pending_deltas (user_id, day);
 COMMENT ON TABLE usage_agg.pending_deltas IS
-    'Deferred mode: usage folded into daily_logs by usage_agg.apply_pending_deltas(); readers include it.';
+    'Calls recorded by the asynchronous fold, folded into daily_logs by the background applier or usage_agg.apply_pending_deltas(); readers include them.';
+
+-- (user, day)s the applier could not fold because their daily_logs row is
+-- corrupted: their calls stay pending; retried after retry_at, and at once after
+-- rebuild_daily_logs of the day.
+CREATE TABLE usage_agg.fold_skipped (
+    user_id    uuid        NOT NULL,
+    day        date        NOT NULL,
+    field      text        NOT NULL,
+    error      text        NOT NULL,
+    first_seen timestamptz NOT NULL,
+    last_seen  timestamptz NOT NULL,
+    retry_at   timestamptz NOT NULL,
+    PRIMARY KEY (user_id, day)
+);
+COMMENT ON TABLE usage_agg.fold_skipped IS
+    'Days the background applier could not fold (a corrupted daily_logs row); repair with usage_agg.rebuild_daily_logs(day, day).';
 
 -- ---------------------------------------------------------------------------
 -- Monthly aggregate: daily rows older than daily_retention, rolled up per user

@@ -40,6 +40,7 @@ ALTER VIEW usage_agg.daily_usage_by_key SET (security_invoker = true);
 ALTER VIEW usage_agg.monthly_usage_by_model SET (security_invoker = true);
 ALTER VIEW usage_agg.monthly_usage_by_key SET (security_invoker = true);
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
+ALTER VIEW usage_agg.fold_status SET (security_invoker = true);
 
 CREATE FUNCTION usage_agg._check_role(role_name name) RETURNS void
 LANGUAGE plpgsql STABLE
@@ -72,6 +73,7 @@ BEGIN
                            usage_agg.pending_deltas, usage_agg.config, usage_agg.retention_horizon,
                            usage_agg.quota_plans, usage_agg.quotas, usage_agg.quota_usage_logs,
                            usage_agg.maintenance_runs, usage_agg.maintenance_health,
+                           usage_agg.fold_status, usage_agg.fold_skipped,
                            usage_agg.daily_usage, usage_agg.monthly_usage,
                            usage_agg.daily_usage_by_model, usage_agg.daily_usage_by_key,
                            usage_agg.monthly_usage_by_model, usage_agg.monthly_usage_by_key

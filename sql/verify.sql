@@ -244,6 +244,8 @@ BEGIN
         -- Calls still pending for this day are in the detail too: drop them (waiting
         -- for an apply_pending_deltas() that is applying some of them right now).
         DELETE FROM usage_agg.pending_deltas p WHERE p.day = v_day;
+        -- Days the applier skipped are folded now, from the detail.
+        DELETE FROM usage_agg.fold_skipped s WHERE s.day = v_day;
         WITH expected AS (
             SELECT e.user_id, e.date, e.log_data FROM usage_agg._aggregates(v_day, v_day) e
              WHERE e.source = 'detail'

@@ -91,3 +91,41 @@ pub fn invalid_argument(message: String, detail: String, hint: String) -> ! {
     .report(PgLogLevel::ERROR);
     unreachable!()
 }
+
+/// A (user, day) whose daily row could not be added to, logged as a WARNING
+/// (server log and client) naming user, day and field; `what` says what became
+/// of its calls. Nothing is lost: they wait in pending_deltas.
+pub fn warn_kept_pending(skipped: &crate::fold::Skipped, what: &str) {
+    let day = pg_days_to_iso(skipped.key.1);
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+        format!(
+            "usage_agg: daily_logs row of user {} on {day} has a corrupted field \"{}\"; {what}",
+            skipped.key.0, skipped.error.field
+        ),
+        "usage_agg::fold",
+    )
+    .set_detail(format!("{}.", skipped.error))
+    .set_hint(format!(
+        "Repair the row with: SELECT usage_agg.rebuild_daily_logs('{day}', '{day}'); \
+         usage_agg.fold_status and usage_agg.fold_skipped list the days waiting."
+    ))
+    .report(PgLogLevel::WARNING);
+}
+
+/// A function that needs the catalog of this library's version, called between
+/// installing the library and ALTER EXTENSION ... UPDATE (SQLSTATE 55000).
+pub fn old_catalog(function: &str) -> ! {
+    ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "usage_agg: {function} needs the catalog of usage_agg {}",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "usage_agg",
+    )
+    .set_detail("The installed library is newer than the extension's catalog in this database.")
+    .set_hint("Run ALTER EXTENSION usage_agg UPDATE; inserts keep being folded meanwhile.")
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}

@@ -1,41 +1,69 @@
 //! usage_agg: AI/LLM API usage accounting inside PostgreSQL.
 //!
-//! - `logdata`: pure folding of usage into the `log_data` JSON layout.
-//! - `fold`: the statement-level triggers that keep `daily_logs` exact.
-//! - `retention`: the roll-up merge of daily into monthly documents.
+//! - `trigger`: the statement-level trigger on `key_usage_logs`: records a
+//!   statement's calls as pending or folds them now (the fold mode).
+//! - `fold`: writing grouped calls into `daily_logs` (upserts, corrections).
+//! - `applier`: `apply_pending_deltas()` and the batches of the background applier.
+//! - `worker`: the launcher and per-database applier processes, their shared memory.
+//! - `config`: the backend's cached copy of `usage_agg.config`.
+//! - `plans`: prepared statements kept per backend, each described once.
+//! - `pending`: appends to `pending_deltas` (row by row without SPI, or grouped).
 //! - `grouping`: a statement's inserted rows grouped per (user, day, model, key).
+//! - `logdata`: pure folding of usage into the `log_data` JSON layout.
+//! - `retention`: the roll-up merge of daily into monthly documents.
 //! - `decimal`: exact sums of `numeric` values in their binary form.
-//! - `errors`: user-facing errors with SQLSTATEs.
 //! - `jsonb`: binary jsonb to and from serde values (no text round trip).
-//! - `pending`: deferred mode's append to `pending_deltas` without SPI.
+//! - `errors`: user-facing errors with SQLSTATEs.
 //!
 //! Hand-written SQL lives in `sql/` and is pulled in below in dependency order.
 
 use pgrx::prelude::*;
 
+mod applier;
+mod config;
 mod decimal;
 mod errors;
 mod fold;
 mod grouping;
 mod jsonb;
-pub mod logdata;
+mod logdata;
 mod pending;
+mod plans;
 mod retention;
+mod trigger;
+mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
+
+/// With `usage_agg` in `shared_preload_libraries`, sets up the shared memory of
+/// the appliers and registers their launcher; loaded later (by a backend), it
+/// does nothing and the `auto` fold mode folds immediately.
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a flag the postmaster sets while loading preload libraries.
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        worker::init_preloaded();
+    }
+}
 
 extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 extension_sql_file!(
     "../sql/fold.sql",
     name = "fold_triggers",
-    requires = ["schema", fold::fold_key_usage_logs, fold::config_changed]
+    requires = ["schema", trigger::fold_key_usage_logs, config_changed]
 );
 extension_sql_file!("../sql/verify.sql", name = "verify", requires = ["schema"]);
 extension_sql_file!("../sql/quotas.sql", name = "quotas", requires = ["schema"]);
 extension_sql_file!(
     "../sql/retention.sql",
     name = "retention",
-    requires = ["schema", "quotas", retention::rollup_merge]
+    requires = [
+        "schema",
+        "quotas",
+        retention::rollup_merge,
+        applier::apply_pending_deltas,
+        worker::applier_state
+    ]
 );
 extension_sql_file!(
     "../sql/reads.sql",
@@ -45,9 +73,38 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/import.sql",
     name = "import",
-    requires = ["schema", "verify", fold::apply_pending_deltas]
+    requires = ["schema", "verify", applier::apply_pending_deltas]
+);
+extension_sql_file!(
+    "../sql/applier.sql",
+    name = "applier",
+    requires = [
+        "schema",
+        "retention",
+        worker::applier_state,
+        worker::wake_applier
+    ]
 );
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
+
+/// Announces a change of usage_agg.config to every backend (a relcache
+/// invalidation of the table), so that their cached copies are dropped.
+#[pg_trigger(sql = "
+CREATE FUNCTION usage_agg._config_changed() RETURNS trigger
+    LANGUAGE c
+    SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', '@FUNCTION_NAME@';
+")]
+fn config_changed<'a>(
+    trigger: &'a PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
+    // SAFETY: tg_relation is the table the trigger fired on.
+    unsafe {
+        let relid = (*trigger.trigger_data().tg_relation).rd_id;
+        pg_sys::CacheInvalidateRelcacheByRelid(relid);
+    }
+    Ok(None)
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

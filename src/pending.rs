@@ -15,12 +15,18 @@
 //! otherwise it writes nothing and the caller appends through SPI as before.
 
 use pgrx::pg_sys;
+use pgrx::spi::SpiClient;
+use rustc_hash::FxHashMap;
 
+use crate::errors;
+use crate::fold::{Group, Key};
 use crate::grouping;
+use crate::logdata;
+use crate::plans::{kept_statement, Sql};
 
 /// The columns of pending_deltas, in order, as `sql/schema.sql` creates them:
 /// (type, may be NULL).
-const COLUMNS: [(pg_sys::Oid, bool); 9] = [
+const COLUMNS: [(pg_sys::Oid, bool); 10] = [
     (pg_sys::UUIDOID, false),        // user_id
     (pg_sys::DATEOID, false),        // day
     (pg_sys::TEXTOID, true),         // model_used
@@ -30,6 +36,7 @@ const COLUMNS: [(pg_sys::Oid, bool); 9] = [
     (pg_sys::INT8OID, false),        // tokens
     (pg_sys::NUMERICOID, false),     // cost
     (pg_sys::TIMESTAMPTZOID, false), // last_at
+    (pg_sys::TIMESTAMPTZOID, false), // appended_at
 ];
 
 /// An index of pending_deltas that `append_rows` maintains itself.
@@ -41,7 +48,7 @@ struct PlainIndex {
 /// Appends every row of this INSERT statement's NEW transition table to
 /// pending_deltas, one row per call, as the SQL path would:
 /// `(user_id, business day, model_used, shared_key_id, 1, success::int,
-/// coalesce(tokens_used, 0), coalesce(cost_estimate, 0), created_at)`.
+/// coalesce(tokens_used, 0), coalesce(cost_estimate, 0), created_at, now())`.
 /// Returns false, having written nothing, when pending_deltas is not the plain
 /// table this writes correctly (see the module comment).
 ///
@@ -62,6 +69,8 @@ pub unsafe fn append_rows(data: &pg_sys::TriggerData, timezone: &str) -> bool {
     let mut days = grouping::BusinessDays::new(timezone);
     let zero_cost = pg_sys::Datum::from(pg_sys::int64_to_numeric(0));
     let descriptor = (*relation).rd_att;
+    // appended_at: now(), the start of this transaction, as the column default.
+    let appended_at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
     grouping::scan_new_rows(data.tg_newtable, (*data.tg_relation).rd_att, |row| {
         // uuid datums are pointers to their 16 bytes; heap_form_tuple copies.
         let mut values = [
@@ -76,8 +85,9 @@ pub unsafe fn append_rows(data: &pg_sys::TriggerData, timezone: &str) -> bool {
             pg_sys::Datum::from(i64::from(row.tokens.unwrap_or(0))),
             row.cost.unwrap_or(zero_cost),
             pg_sys::Datum::from(row.at),
+            appended_at,
         ];
-        let mut nulls = [false; 9];
+        let mut nulls = [false; 10];
         nulls[2] = row.model.is_none();
         nulls[3] = row.key.is_none();
         let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
@@ -103,8 +113,8 @@ unsafe fn insert_index_entry(
     index: &PlainIndex,
     relation: pg_sys::Relation,
     tuple: pg_sys::HeapTuple,
-    values: &[pg_sys::Datum; 9],
-    nulls: &[bool; 9],
+    values: &[pg_sys::Datum; COLUMNS.len()],
+    nulls: &[bool; COLUMNS.len()],
 ) {
     let info = &*index.info;
     // Not ready: CREATE INDEX CONCURRENTLY has not reached this index yet.
@@ -218,4 +228,101 @@ unsafe fn columns_as_created(descriptor: pg_sys::TupleDesc) -> bool {
                 && att.attgenerated == 0
                 && !(nullable && att.attnotnull)
         })
+}
+
+kept_statement! {
+    /// Appends grouped calls (a bulk statement's groups, or calls the applier
+    /// could not fold) to pending_deltas: one row per (user, day, model, key).
+    /// Times are passed in the canonical text of `logdata::format_micros`.
+    APPEND_GROUPS {
+        what: "appending grouped calls to pending_deltas",
+        sql: Sql::Text("
+            INSERT INTO usage_agg.pending_deltas
+                   (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at, appended_at)
+            SELECT u.user_id, DATE '2000-01-01' + u.day, u.model, u.key::uuid, u.calls, u.ok, u.tokens,
+                   u.cost::numeric, u.last_at::timestamptz, COALESCE(u.appended_at::timestamptz, pg_catalog.now())
+              FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]),
+                              pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
+                              pg_catalog.unnest($5::int4[]), pg_catalog.unnest($6::int4[]),
+                              pg_catalog.unnest($7::int8[]), pg_catalog.unnest($8::text[]),
+                              pg_catalog.unnest($9::text[]), pg_catalog.unnest($10::text[]))
+                   AS u(user_id, day, model, key, calls, ok, tokens, cost, last_at, appended_at)"),
+        args: [UUIDARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
+               INT4ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID],
+        mutating: true,
+    }
+}
+
+kept_statement! {
+    /// Deferred appends through INSERT, where `append_rows` cannot write
+    /// pending_deltas directly (triggers, constraints or indexes were added).
+    APPEND_ROWS_SQL {
+        what: "appending to pending_deltas",
+        sql: Sql::Text("
+            INSERT INTO usage_agg.pending_deltas
+                   (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at)
+            SELECT t.user_id, (t.created_at AT TIME ZONE $1)::date, t.model_used, t.shared_key_id,
+                   1, CASE WHEN t.success THEN 1 ELSE 0 END,
+                   COALESCE(t.tokens_used, 0), COALESCE(t.cost_estimate, 0), t.created_at
+              FROM usage_agg_new_rows t"),
+        args: [TEXTOID],
+        mutating: true,
+    }
+}
+
+/// Appends `groups` (additions only) to pending_deltas. `appended_at` gives, per
+/// (user, day), when its calls were first appended (Unix microseconds); others
+/// get now().
+pub fn append_groups(client: &SpiClient<'_>, groups: &[Group], appended_at: &FxHashMap<Key, i64>) {
+    if groups.is_empty() {
+        return;
+    }
+    let n = groups.len();
+    let (mut users, mut days, mut models, mut keys) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut calls, mut ok, mut tokens, mut costs, mut last_at, mut first_appended) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (key, row, removed) in groups {
+        debug_assert!(!removed, "only additions are appended");
+        let narrow = |v: i64| {
+            i32::try_from(v).unwrap_or_else(|_| {
+                errors::internal("appending grouped calls", "count out of range")
+            })
+        };
+        users.push(key.0);
+        days.push(key.1);
+        models.push(row.model.clone());
+        keys.push(row.key.clone());
+        calls.push(narrow(row.calls));
+        ok.push(narrow(row.successful));
+        tokens.push(row.tokens);
+        costs.push(row.cost.to_string());
+        last_at.push(row.last_at_micros.map(logdata::format_micros));
+        first_appended.push(appended_at.get(key).map(|&t| logdata::format_micros(t)));
+    }
+    APPEND_GROUPS.run(
+        client,
+        &[
+            users.into(),
+            days.into(),
+            models.into(),
+            keys.into(),
+            calls.into(),
+            ok.into(),
+            tokens.into(),
+            costs.into(),
+            last_at.into(),
+            first_appended.into(),
+        ],
+    );
 }

@@ -442,10 +442,12 @@ mod tests {
         Spi::run("INSERT INTO usage_agg.key_usage_logs (user_id, tokens_used) VALUES (gen_random_uuid(), -1)").unwrap();
     }
 
+    /// Immediate mode: an addition to a corrupted daily row raises, naming it.
     #[pg_test(
         error = "usage_agg: daily_logs row of user 00000000-0000-0000-0000-000000000007 on 2026-05-05 has a corrupted field \"api_call_count\""
     )]
     fn corrupted_daily_row_names_user_and_date() {
+        Spi::run("UPDATE usage_agg.config SET fold_mode = 'immediate'").unwrap();
         Spi::run(
             "INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
              VALUES ('00000000-0000-0000-0000-000000000007', '2026-05-05', '{\"api_call_count\": \"abc\"}', now())",
@@ -456,6 +458,88 @@ mod tests {
              VALUES ('00000000-0000-0000-0000-000000000007', '2026-05-05 12:00+00')",
         )
         .unwrap();
+    }
+
+    /// The default mode with no applier (this test cluster does not preload
+    /// usage_agg) folds at once, but a corrupted daily row never makes an
+    /// INSERT fail: that (user, day)'s calls wait in pending_deltas, every other
+    /// day is folded, and a rebuild of the day folds them from the detail.
+    #[pg_test]
+    fn auto_mode_records_the_call_despite_a_corrupted_row() {
+        assert_eq!(
+            one::<String>("SELECT fold_mode FROM usage_agg.config"),
+            Some("auto".into())
+        );
+        assert_eq!(
+            one::<String>("SELECT effective_mode FROM usage_agg.fold_status"),
+            Some("immediate".into())
+        );
+        Spi::run(
+            "INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
+             VALUES ('00000000-0000-0000-0000-000000000007', '2026-05-05', '{\"api_call_count\": \"abc\", \"upload_count\": 1}', now())",
+        )
+        .unwrap();
+        Spi::run(
+            "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate, created_at)
+             SELECT ('00000000-0000-0000-0000-00000000000' || (i % 2 + 7))::uuid, 0.25, '2026-05-05 12:00+00'
+               FROM generate_series(1, 100) i",
+        )
+        .unwrap();
+        // User 8's day was folded; user 7's 50 calls wait, its row untouched.
+        assert_eq!(
+            one::<i64>("SELECT (log_data->>'api_call_count')::bigint FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000008'"),
+            Some(50)
+        );
+        assert_eq!(
+            one::<String>("SELECT log_data::text FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000007'"),
+            Some(r#"{"upload_count": 1, "api_call_count": "abc"}"#.into())
+        );
+        assert_eq!(
+            one::<String>("SELECT sum(calls) || ' ' || sum(cost) FROM usage_agg.pending_deltas WHERE user_id = '00000000-0000-0000-0000-000000000007'"),
+            Some("50 12.50".into())
+        );
+        // The applier path skips the day too, and records it.
+        assert_eq!(
+            one::<i64>("SELECT usage_agg.apply_pending_deltas()"),
+            Some(0)
+        );
+        assert_eq!(
+            one::<String>(
+                "SELECT user_id || ' ' || day || ' ' || field FROM usage_agg.fold_skipped"
+            ),
+            Some("00000000-0000-0000-0000-000000000007 2026-05-05 api_call_count".into())
+        );
+        assert_eq!(
+            one::<i64>("SELECT sum(calls) FROM usage_agg.pending_deltas"),
+            Some(50)
+        );
+        assert_eq!(
+            one::<i64>("SELECT skipped_days FROM usage_agg.fold_status"),
+            Some(1)
+        );
+        // Repaired by a rebuild: nothing pending or skipped, nothing lost or doubled.
+        assert_eq!(
+            one::<i64>("SELECT usage_agg.rebuild_daily_logs('2026-05-05', '2026-05-05')"),
+            Some(1)
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.pending_deltas"),
+            Some(0)
+        );
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM usage_agg.fold_skipped"),
+            Some(0)
+        );
+        assert_eq!(
+            one::<String>("SELECT log_data->>'api_call_count' || ' ' || (log_data->>'upload_count') || ' ' || (log_data#>>'{shared_service_usage,estimated_cost}') FROM usage_agg.daily_logs WHERE user_id = '00000000-0000-0000-0000-000000000007'"),
+            Some("50 1 12.50".into())
+        );
+        assert_eq!(
+            one::<i64>(
+                "SELECT count(*) FROM usage_agg.verify_daily_logs('2026-05-05', '2026-05-05')"
+            ),
+            Some(0)
+        );
     }
 
     #[pg_test]

@@ -1,0 +1,140 @@
+//! This backend's copy of `usage_agg.config`, as the fold needs it.
+//!
+//! Read once and kept until the table's relcache entry is invalidated, which the
+//! `config_changed` trigger causes on every change (and which a sinval reset or
+//! DROP EXTENSION cause too), so every session buckets calls by the same row.
+
+use std::cell::{Cell, RefCell};
+
+use pgrx::pg_sys;
+use pgrx::spi::{SpiClient, SpiTupleTable};
+
+use crate::errors;
+use crate::plans::{kept_statement, Sql};
+
+/// `config.fold_mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FoldMode {
+    /// Asynchronous while a background applier serves this database, immediate
+    /// otherwise (the default from 0.3.0 on).
+    Auto,
+    /// Inserts only append to pending_deltas; an applier or a scheduled
+    /// `apply_pending_deltas()` folds them (`'deferred'` before 0.3.0).
+    Async,
+    /// Every statement updates its aggregates in the inserting transaction.
+    Immediate,
+}
+
+impl FoldMode {
+    /// The stored text; NULL (a 0.1.0 catalog, which has no fold_mode) is
+    /// immediate, as that version was.
+    pub fn parse(text: Option<&str>) -> FoldMode {
+        match text {
+            Some("auto") => FoldMode::Auto,
+            Some("async") | Some("deferred") => FoldMode::Async,
+            _ => FoldMode::Immediate,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct FoldConfig {
+    pub timezone: String,
+    pub mode: FoldMode,
+    /// The catalog has everything this library writes (0.3.0 or later: the
+    /// config_changed trigger, pending_deltas.appended_at, fold_skipped); false
+    /// only between installing this library and ALTER EXTENSION ... UPDATE.
+    pub current_catalog: bool,
+    /// `config.apply_interval` in milliseconds (1000 before 0.3.0).
+    pub apply_interval_ms: i64,
+}
+
+kept_statement! {
+    /// The settings the fold needs. fold_mode is read through to_jsonb so that
+    /// the library also works against the catalog of an older version (no
+    /// fold_mode column) between installing it and ALTER EXTENSION ... UPDATE.
+    READ_CONFIG {
+        what: "reading usage_agg.config",
+        sql: Sql::Text("
+            SELECT c.timezone,
+                   pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'fold_mode',
+                   'usage_agg.config'::pg_catalog.regclass::pg_catalog.oid,
+                   pg_catalog.to_regclass('usage_agg.fold_skipped') IS NOT NULL,
+                   COALESCE((pg_catalog.date_part('epoch',
+                       (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'apply_interval')::pg_catalog.interval)
+                       OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8, 1000)
+              FROM usage_agg.config c"),
+        args: [],
+        mutating: false,
+    }
+}
+
+thread_local! {
+    static CONFIG: RefCell<Option<FoldConfig>> = const { RefCell::new(None) };
+    static CONFIG_OID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+unsafe extern "C-unwind" fn config_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    let ours = CONFIG_OID.with(Cell::get);
+    if relid == pg_sys::InvalidOid || relid == ours {
+        CONFIG.with(|c| c.replace(None));
+        CONFIG_OID.with(|o| o.set(pg_sys::InvalidOid));
+    }
+}
+
+/// The settings, when this backend has them cached (no SPI needed).
+pub fn cached() -> Option<FoldConfig> {
+    CONFIG.with(|c| c.borrow().clone())
+}
+
+/// The settings, read through `client` when not cached.
+pub fn read(client: &SpiClient<'_>) -> FoldConfig {
+    if !CALLBACK_REGISTERED.with(Cell::get) {
+        // SAFETY: registers a plain function for the life of the backend.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(config_invalidated), pg_sys::Datum::from(0))
+        };
+        CALLBACK_REGISTERED.with(|r| r.set(true));
+    }
+    if let Some(cached) = cached() {
+        return cached;
+    }
+    let row = READ_CONFIG.run(client, &[]).first();
+    let mode: Option<String> = column(&row, 2);
+    let config = FoldConfig {
+        timezone: column::<String>(&row, 1).unwrap_or_else(|| "UTC".to_string()),
+        mode: FoldMode::parse(mode.as_deref()),
+        current_catalog: column::<bool>(&row, 4).unwrap_or(false),
+        apply_interval_ms: column::<i64>(&row, 5).unwrap_or(1000),
+    };
+    let oid = column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
+    // Cached only where the config_changed trigger announces changes.
+    if config.current_catalog {
+        CONFIG_OID.with(|o| o.set(oid));
+        CONFIG.with(|c| c.replace(Some(config.clone())));
+    }
+    config
+}
+
+fn column<T: pgrx::FromDatum + pgrx::IntoDatum>(
+    row: &SpiTupleTable<'_>,
+    ordinal: usize,
+) -> Option<T> {
+    row.get::<T>(ordinal)
+        .unwrap_or_else(|e| errors::internal("reading usage_agg.config", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FoldMode;
+
+    #[test]
+    fn fold_modes_parse_with_the_old_name_accepted() {
+        assert_eq!(FoldMode::parse(Some("auto")), FoldMode::Auto);
+        assert_eq!(FoldMode::parse(Some("async")), FoldMode::Async);
+        assert_eq!(FoldMode::parse(Some("deferred")), FoldMode::Async);
+        assert_eq!(FoldMode::parse(Some("immediate")), FoldMode::Immediate);
+        assert_eq!(FoldMode::parse(None), FoldMode::Immediate);
+    }
+}
