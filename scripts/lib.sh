@@ -65,7 +65,8 @@ ua_install_extension() {
 
 # Released versions and the commits their tags point to, for the upgrade test.
 # The commit is the fallback when a clone came without tags.
-declare -A UA_RELEASE_COMMITS=([v0.1.0]=6387a568072334c02ecc4ca234e2d84e6a092dbb)
+declare -A UA_RELEASE_COMMITS=([v0.1.0]=6387a568072334c02ecc4ca234e2d84e6a092dbb
+                               [v0.2.0]=a947c87ce0184753bb680ba10501962a82ba16c8)
 
 # Builds and installs an earlier release from its git tag (for the upgrade test).
 # A target directory of its own: artifacts of two versions of the crate must not mix.

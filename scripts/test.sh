@@ -23,19 +23,25 @@ ua_cluster_start itest "$PORT"
 trap 'ua_cluster_stop itest' EXIT
 
 # Upgrade test: every released version, installed from its tag, writes data with
-# its own library; tests/upgrade.rs then updates it with the current one.
-ua_install_tag v0.1.0
-ua_psql "$PORT" postgres -c "CREATE DATABASE usage_agg_upgrade" >/dev/null
-ua_psql "$PORT" usage_agg_upgrade -f "$UA_ROOT/tests/upgrade/write_v0.1.0_data.sql" >/dev/null
+# its own library into a database of its own; tests/upgrade.rs then updates each
+# with the current one.
+for release in v0.1.0 v0.2.0; do
+    ua_install_tag "$release"
+    db="usage_agg_upgrade_${release//./_}"
+    ua_psql "$PORT" postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+    ua_psql "$PORT" "$db" -f "$UA_ROOT/tests/upgrade/write_${release}_data.sql" >/dev/null
+done
 export USAGE_AGG_UPGRADE_PORT="$PORT"
 
 ua_install_extension
-# A second cluster for tests/crash.rs, which kills its server with SIGKILL.
-CRASH_PORT=$((PORT + 2))
-ua_cluster_start crash "$CRASH_PORT"
-trap 'ua_cluster_stop itest; ua_cluster_stop crash' EXIT
-export USAGE_AGG_CRASH_PORT="$CRASH_PORT"
+# A second cluster with the background applier (usage_agg preloaded next to
+# pg_cron), for tests/applier.rs and tests/crash.rs (which kills it with SIGKILL).
+APPLIER_PORT=$((PORT + 2))
+ua_cluster_start applier "$APPLIER_PORT" "shared_preload_libraries = 'pg_cron,usage_agg'" \
+    "max_worker_processes = 32"
+trap 'ua_cluster_stop itest; ua_cluster_stop applier' EXIT
+export USAGE_AGG_APPLIER_PORT="$APPLIER_PORT" USAGE_AGG_APPLIER_CLUSTER=applier \
+    USAGE_AGG_APPLIER_LOG="${UA_RUN_DIR}/applier/server.log"
 ua_log "integration tests against a live cluster on port ${PORT}"
-export USAGE_AGG_TEST_DSN="host=127.0.0.1 port=${PORT} user=postgres dbname=usage_agg_test"
 export USAGE_AGG_TEST_PORT="$PORT"
 cargo test --test '*' -- --test-threads="${USAGE_AGG_TEST_THREADS:-2}"

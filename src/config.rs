@@ -45,6 +45,8 @@ pub struct FoldConfig {
     /// config_changed trigger, pending_deltas.appended_at, fold_skipped); false
     /// only between installing this library and ALTER EXTENSION ... UPDATE.
     pub current_catalog: bool,
+    /// pending_deltas exists (0.2.0 or later): corrections take its calls.
+    pub has_pending_table: bool,
     /// `config.apply_interval` in milliseconds (1000 before 0.3.0).
     pub apply_interval_ms: i64,
 }
@@ -62,7 +64,8 @@ kept_statement! {
                    pg_catalog.to_regclass('usage_agg.fold_skipped') IS NOT NULL,
                    COALESCE((pg_catalog.date_part('epoch',
                        (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'apply_interval')::pg_catalog.interval)
-                       OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8, 1000)
+                       OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8, 1000),
+                   pg_catalog.to_regclass('usage_agg.pending_deltas') IS NOT NULL
               FROM usage_agg.config c"),
         args: [],
         mutating: false,
@@ -107,6 +110,7 @@ pub fn read(client: &SpiClient<'_>) -> FoldConfig {
         mode: FoldMode::parse(mode.as_deref()),
         current_catalog: column::<bool>(&row, 4).unwrap_or(false),
         apply_interval_ms: column::<i64>(&row, 5).unwrap_or(1000),
+        has_pending_table: column::<bool>(&row, 6).unwrap_or(false),
     };
     let oid = column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
     // Cached only where the config_changed trigger announces changes.

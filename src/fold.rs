@@ -124,6 +124,23 @@ kept_statement! {
 }
 
 kept_statement! {
+    /// Corrections: a day whose calls were all still pending has no daily row
+    /// yet; give it an empty one, so that the correction (which may carry
+    /// absorbed pending calls) has a row to correct.
+    ENSURE_DAYS {
+        what: "creating daily rows for a correction",
+        sql: Sql::Text("
+            INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+            SELECT u.user_id, DATE '2000-01-01' + u.day, usage_agg._empty_log_data(), pg_catalog.now()
+              FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[])) AS u(user_id, day)
+             ORDER BY 1, 2
+            ON CONFLICT (user_id, date) DO NOTHING"),
+        args: [UUIDARRAYOID, INT4ARRAYOID],
+        mutating: true,
+    }
+}
+
+kept_statement! {
     /// Corrections: lock the day rows first, so that the detail query of
     /// APPLY_CORRECTIONS sees every row committed before the lock was granted.
     LOCK_DAYS {
@@ -332,6 +349,7 @@ pub fn write_groups(
     }
 
     if !fix_users.is_empty() {
+        ENSURE_DAYS.run(client, &[fix_users.clone().into(), fix_days.clone().into()]);
         LOCK_DAYS.run(client, &[fix_users.clone().into(), fix_days.clone().into()]);
         APPLY_CORRECTIONS.run(
             client,

@@ -142,7 +142,7 @@ fn fold_key_usage_logs<'a>(
         match path {
             Path::Pending => pending::append_groups(client, &rows, &FxHashMap::default()),
             Path::Fold | Path::FoldTolerant => {
-                if has_old && config.current_catalog {
+                if has_old && config.has_pending_table {
                     fold::absorb_pending(client, &mut rows);
                 }
                 fold_now(client, rows, &config.timezone, path == Path::FoldTolerant);

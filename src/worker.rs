@@ -309,7 +309,9 @@ pub extern "C-unwind" fn usage_agg_launcher_main(_arg: pg_sys::Datum) {
         let t = now();
         // Starts recorded here are forgotten once their applier runs or failed.
         started.retain(|&(_, at)| t - at < 10_000_000);
-        for dboid in connectable_databases() {
+        let databases = connectable_databases();
+        free_slots_of_dropped_databases(&databases);
+        for dboid in databases {
             let id = dboid.to_u32();
             if started.iter().any(|&(d, _)| d == id) {
                 continue;
@@ -326,7 +328,27 @@ pub extern "C-unwind" fn usage_agg_launcher_main(_arg: pg_sys::Datum) {
             }
         }
         // Woken early by CREATE EXTENSION and by appliers starting or stopping.
-        BackgroundWorker::wait_latch(Some(LAUNCHER_NAPTIME));
+        if !BackgroundWorker::wait_latch(Some(LAUNCHER_NAPTIME)) {
+            // SIGTERM (wait_latch consumed the flag) or postmaster death.
+            REGISTRY.get().launcher_latch.store(0, Ordering::Release);
+            // SAFETY: ends this process the way PostgreSQL does.
+            unsafe { pg_sys::proc_exit(1) };
+        }
+    }
+}
+
+/// Frees the slots of databases that are gone (or no longer connectable) and
+/// have no applier, so that slots are not used up by dropped databases.
+fn free_slots_of_dropped_databases(databases: &[pg_sys::Oid]) {
+    let _guard = CLAIM_LOCK.exclusive();
+    for slot in slots() {
+        let id = slot.dboid.load(Ordering::Acquire);
+        if id != 0
+            && slot.pid.load(Ordering::Acquire) == 0
+            && !databases.iter().any(|d| d.to_u32() == id)
+        {
+            slot.dboid.store(0, Ordering::Release);
+        }
     }
 }
 
@@ -421,10 +443,26 @@ fn claim_slot(dboid: pg_sys::Oid) -> Option<usize> {
             i
         }
         None => {
+            // A free slot, else one of a database without the extension.
             let free = slots
                 .iter()
-                .position(|s| s.dboid.load(Ordering::Acquire) == 0)?;
-            slots[free].dboid.store(id, Ordering::Release);
+                .position(|s| s.dboid.load(Ordering::Acquire) == 0)
+                .or_else(|| {
+                    slots.iter().position(|s| {
+                        s.pid.load(Ordering::Acquire) == 0
+                            && State::from_u32(s.state.load(Ordering::Acquire)) == State::NoExtension
+                    })
+                })?;
+            let slot = &slots[free];
+            slot.last_run_at.store(0, Ordering::Release);
+            slot.last_applied.store(0, Ordering::Release);
+            slot.applied_total.store(0, Ordering::Release);
+            slot.errors.store(0, Ordering::Release);
+            slot.last_error_at.store(0, Ordering::Release);
+            for calls in &slot.bucket_calls {
+                calls.store(0, Ordering::Release);
+            }
+            slot.dboid.store(id, Ordering::Release);
             free
         }
     };

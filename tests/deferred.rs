@@ -1,4 +1,4 @@
-//! Deferred fold mode (`config.fold_mode = 'deferred'`): the same exactness and
+//! Asynchronous fold mode (`config.fold_mode = 'async'`, formerly 'deferred'): the same exactness and
 //! concurrency guarantees as the immediate fold, with calls pending in
 //! `pending_deltas` until `apply_pending_deltas()` folds them, over real
 //! connections.
@@ -28,7 +28,7 @@ fn all_time(c: &mut Client, user: &str) -> String {
 
 #[test]
 fn hot_user_from_many_sessions_with_concurrent_apply_is_exact() {
-    let db = FoldMode::Deferred.db("hot_user");
+    let db = FoldMode::Async.db("hot_user");
     const CLIENTS: usize = 16;
     const CALLS: usize = 150;
     let stop = Arc::new(AtomicBool::new(false));
@@ -116,7 +116,7 @@ fn hot_user_from_many_sessions_with_concurrent_apply_is_exact() {
 
 #[test]
 fn rollback_copy_bulk_and_corrections_stay_exact() {
-    let db = FoldMode::Deferred.db("corrections");
+    let db = FoldMode::Async.db("corrections");
     let mut c = db.connect();
     let u = "d1000000-0000-0000-0000-000000000001";
     let v = "d1000000-0000-0000-0000-000000000002";
@@ -128,7 +128,8 @@ fn rollback_copy_bulk_and_corrections_stay_exact() {
     ))
     .unwrap();
     assert_eq!(pending(&mut c), 0);
-    // A small COPY appends; a bulk INSERT ... SELECT folds at once.
+    // A small COPY appends row by row; a bulk INSERT ... SELECT is recorded
+    // grouped per (user, day, model, key): one row for its 1000 calls.
     let mut copy = c
         .copy_in("COPY usage_agg.key_usage_logs (user_id, model_used, tokens_used, cost_estimate, created_at) FROM STDIN")
         .unwrap();
@@ -144,7 +145,11 @@ fn rollback_copy_bulk_and_corrections_stay_exact() {
            FROM generate_series(1, 1000) g"
     ))
     .unwrap();
-    assert_eq!(pending(&mut c), 10);
+    assert_eq!(pending(&mut c), 1010);
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.pending_deltas"),
+        11
+    );
     assert_eq!(all_time(&mut c, u), "1010 1010 0 1045 255.00");
 
     // A call that exists only as a pending row, for a model daily_logs has never
@@ -191,7 +196,7 @@ fn rollback_copy_bulk_and_corrections_stay_exact() {
 
 #[test]
 fn request_id_races_count_once() {
-    let db = FoldMode::Deferred.db("request_id");
+    let db = FoldMode::Async.db("request_id");
     let handles: Vec<_> = (0..8)
         .map(|_| {
             let mut w = db.connect();
@@ -224,7 +229,7 @@ fn request_id_races_count_once() {
 
 #[test]
 fn switching_modes_and_maintenance_keep_totals() {
-    let db = FoldMode::Deferred.db("switch");
+    let db = FoldMode::Async.db("switch");
     let mut c = db.connect();
     let u = "d3000000-0000-0000-0000-000000000001";
     // Pending calls for today and for a day 120 days back (late data).

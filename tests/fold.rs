@@ -11,21 +11,21 @@ use common::*;
 
 const SHARED_USER: &str = "aaaaaaaa-0000-0000-0000-000000000000";
 
-/// Runs `name(mode)` as two tests, `name::immediate` and `name::deferred`: the
-/// deferred mode must pass the same exactness and concurrency tests.
+/// Runs `name(mode)` as two tests, `name::default_mode` and `name::async_mode`:
+/// the asynchronous mode must pass the same exactness and concurrency tests.
 macro_rules! in_both_fold_modes {
     ($name:ident) => {
         mod $name {
             use super::*;
 
             #[test]
-            fn immediate() {
-                super::$name(FoldMode::Immediate);
+            fn default_mode() {
+                super::$name(FoldMode::Default);
             }
 
             #[test]
-            fn deferred() {
-                super::$name(FoldMode::Deferred);
+            fn async_mode() {
+                super::$name(FoldMode::Async);
             }
         }
     };
@@ -161,7 +161,7 @@ fn rolled_back_work_leaves_no_trace(mode: FoldMode) {
     let before = scalar_text(&mut c, written);
     assert_eq!(
         before.as_deref(),
-        Some(if mode == FoldMode::Immediate {
+        Some(if mode == FoldMode::Default {
             "1 0"
         } else {
             "0 1"
@@ -406,9 +406,12 @@ fn bad_input_is_refused_and_nothing_is_written() {
         0
     );
 
-    // A daily row whose owned field an application corrupted.
+    // A daily row whose owned field an application corrupted. In immediate
+    // mode the insert fails and says how to repair (the default mode records
+    // the call instead: see tests/applier.rs).
     c.batch_execute(
-        "INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
+        "UPDATE usage_agg.config SET fold_mode = 'immediate';
+         INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
          VALUES ('66666666-0000-0000-0000-000000000001', '2026-10-08', '{\"api_call_count\": \"abc\", \"upload_count\": 4}', now())",
     )
     .unwrap();
@@ -503,6 +506,11 @@ fn a_config_change_reaches_sessions_that_cached_it() {
         "UPDATE usage_agg.config SET timezone = 'Asia/Shanghai', fold_mode = 'deferred'",
     )
     .unwrap();
+    // ('deferred', the name before 0.3.0, is kept as 'async') ...
+    assert_eq!(
+        scalar_text(&mut b, "SELECT fold_mode FROM usage_agg.config"),
+        Some("async".to_string())
+    );
     // ... and a's next single-row insert uses both.
     a.batch_execute(insert).unwrap();
     assert_eq!(

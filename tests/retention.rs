@@ -473,6 +473,8 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "cleanup_old_key_usage_logs true 119 false false",
             "cleanup_old_daily_logs false NULL true true",
             "reset_expired_quotas true 1 false false",
+            // No background applier on this cluster, nothing pending.
+            "background_fold NULL 0 false false",
         ]
     );
     // Repaired, the next run rolls the days up.
@@ -490,6 +492,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "cleanup_old_key_usage_logs true 0 false false",
             "cleanup_old_daily_logs true 59 false false",
             "reset_expired_quotas true 0 false false",
+            "background_fold NULL 0 false false",
         ]
     );
     assert_eq!(

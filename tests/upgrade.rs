@@ -1,9 +1,9 @@
 //! ALTER EXTENSION usage_agg UPDATE from every released version keeps all data
 //! and gives the same catalog as a fresh install.
 //!
-//! scripts/test.sh builds and installs 0.1.0 from its tag, creates database
-//! usage_agg_upgrade with it and writes data (tests/upgrade/write_v0.1.0_data.sql),
-//! then installs the current version; this test updates that database.
+//! scripts/test.sh builds and installs each release from its tag, creates a
+//! database with it and writes data (tests/upgrade/write_vX.Y.Z_data.sql), then
+//! installs the current version; these tests update those databases.
 #![cfg(not(feature = "pg_test"))]
 
 mod common;
@@ -35,7 +35,7 @@ fn data_fingerprint(c: &mut Client) -> Vec<String> {
                 .query(
                     "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
                       WHERE attrelid = ('usage_agg.' || $1)::regclass AND attnum > 0 AND NOT attisdropped
-                        AND attname <> 'fold_mode'",
+                        AND attname NOT IN ('fold_mode', 'apply_interval', 'pending_alert_after')",
                     &[t],
                 )
                 .unwrap()[0]
@@ -110,38 +110,46 @@ fn catalog(c: &mut Client) -> Vec<String> {
     lines
 }
 
-#[test]
-fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
+fn old_database(release: &str, version: &str) -> Client {
     let dsn = format!(
-        "host=127.0.0.1 port={} user=postgres dbname=usage_agg_upgrade",
+        "host=127.0.0.1 port={} user=postgres dbname=usage_agg_upgrade_{release}",
         std::env::var("USAGE_AGG_UPGRADE_PORT")
             .expect("USAGE_AGG_UPGRADE_PORT is not set: run the tests through scripts/test.sh")
     );
-    let mut old = Client::connect(&dsn, NoTls).expect("connect to the 0.1.0 database");
+    let mut old = Client::connect(&dsn, NoTls).expect("connect to the old release's database");
     assert_eq!(
         scalar_text(
             &mut old,
             "SELECT extversion FROM pg_extension WHERE extname = 'usage_agg'"
         ),
-        Some("0.1.0".to_string())
+        Some(version.to_string())
     );
-    // This connection runs the new library against the 0.1.0 catalog (the window
-    // between installing the new version and ALTER EXTENSION ... UPDATE): inserts,
-    // corrections and quota calls keep working and stay exact.
-    old.batch_execute(
-        "INSERT INTO usage_agg.key_usage_logs (user_id, model_used, cost_estimate) VALUES ('f0000000-0000-0000-0000-000000000002', 'new-lib', 0.5);
+    old
+}
+
+/// This connection runs the new library against the old catalog (the window
+/// between installing the new version and ALTER EXTENSION ... UPDATE): inserts,
+/// corrections and quota calls keep working and stay exact.
+fn write_with_the_new_library(old: &mut Client, user: &str) {
+    old.batch_execute(&format!(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, model_used, cost_estimate) VALUES ('{user}', 'new-lib', 0.5);
          INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate)
-         SELECT 'f0000000-0000-0000-0000-000000000002', 0.25 FROM generate_series(1, 3);
+         SELECT '{user}', 0.25 FROM generate_series(1, 3);
          UPDATE usage_agg.key_usage_logs SET cost_estimate = 0.75 WHERE model_used = 'new-lib';
          DELETE FROM usage_agg.key_usage_logs WHERE request_id = 'req-6';
-         SELECT usage_agg.consume_quota('f0000000-0000-0000-0000-000000000002', 1, NULL, 'window');",
-    )
+         SELECT usage_agg.consume_quota('{user}', 1, NULL, 'window');"
+    ))
     .unwrap();
     assert_eq!(
-        verify(&mut old, "2000-01-01", "2100-01-01"),
+        verify(old, "2000-01-01", "2100-01-01"),
         Vec::<String>::new()
     );
-    let before = data_fingerprint(&mut old);
+}
+
+/// Updates, checks that the data is kept and that the new version folds on top
+/// of it, and compares the catalog with a fresh install.
+fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name: &str) {
+    let before = data_fingerprint(old);
     assert_eq!(before.len(), 9);
     assert!(
         before.iter().all(|l| !l.contains(": 0 ")),
@@ -151,40 +159,47 @@ fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
         .unwrap();
     assert_eq!(
         scalar_text(
-            &mut old,
+            old,
             "SELECT extversion FROM pg_extension WHERE extname = 'usage_agg'"
         ),
         Some(env!("CARGO_PKG_VERSION").to_string())
     );
-    assert_eq!(data_fingerprint(&mut old), before);
+    assert_eq!(data_fingerprint(old), before);
+    // An updated install keeps the mode it had ('deferred' is now 'async').
     assert_eq!(
-        scalar_text(&mut old, "SELECT fold_mode FROM usage_agg.config"),
-        Some("immediate".to_string())
+        scalar_text(old, "SELECT fold_mode FROM usage_agg.config"),
+        Some(mode_after.to_string())
     );
-    // The aggregates written by 0.1.0 still agree with their detail, and the new
-    // version folds on top of them.
+    // The aggregates written by the old version still agree with their detail,
+    // and the new version folds on top of them.
     assert_eq!(
-        verify(&mut old, "2000-01-01", "2100-01-01"),
+        verify(old, "2000-01-01", "2100-01-01"),
         Vec::<String>::new()
     );
-    old.batch_execute(
-        "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('f0000000-0000-0000-0000-000000000001', 1);
-         UPDATE usage_agg.config SET fold_mode = 'deferred';
-         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('f0000000-0000-0000-0000-000000000001', 1);
+    old.batch_execute(&format!(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('{user}', 1);
+         UPDATE usage_agg.config SET fold_mode = 'async';
+         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('{user}', 1);
          DELETE FROM usage_agg.key_usage_logs WHERE request_id = 'req-5';
-         SELECT usage_agg.consume_quota('f0000000-0000-0000-0000-000000000002');",
-    )
+         SELECT usage_agg.consume_quota('{user}');"
+    ))
     .unwrap();
     assert_eq!(
-        verify(&mut old, "2000-01-01", "2100-01-01"),
+        verify(old, "2000-01-01", "2100-01-01"),
         Vec::<String>::new()
     );
-    old.batch_execute("UPDATE usage_agg.config SET fold_mode = 'immediate'; SELECT usage_agg.apply_pending_deltas();")
+    old.batch_execute("SELECT usage_agg.apply_pending_deltas();")
         .unwrap();
+    assert_eq!(pending(old), 0);
+    assert_eq!(group_by_mismatches(old), 0);
+    old.batch_execute(&format!(
+        "UPDATE usage_agg.config SET fold_mode = '{mode_after}', apply_interval = DEFAULT, pending_alert_after = DEFAULT"
+    ))
+    .unwrap();
 
-    let fresh = TestDb::new("upgrade_fresh");
+    let fresh = TestDb::new(fresh_name);
     let mut fresh = fresh.connect();
-    let updated = catalog(&mut old);
+    let updated = catalog(old);
     let installed = catalog(&mut fresh);
     let only_updated: Vec<&String> = updated.iter().filter(|l| !installed.contains(l)).collect();
     let only_fresh: Vec<&String> = installed.iter().filter(|l| !updated.contains(l)).collect();
@@ -196,5 +211,40 @@ fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
         updated.len() > 150,
         "the catalog query sees the extension: {} lines",
         updated.len()
+    );
+    // A fresh install folds asynchronously by default.
+    assert_eq!(
+        scalar_text(&mut fresh, "SELECT fold_mode FROM usage_agg.config"),
+        Some("auto".to_string())
+    );
+}
+
+#[test]
+fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
+    let mut old = old_database("v0_1_0", "0.1.0");
+    write_with_the_new_library(&mut old, "f0000000-0000-0000-0000-000000000002");
+    update_and_compare(
+        &mut old,
+        "f0000000-0000-0000-0000-000000000001",
+        "immediate",
+        "upgrade_fresh_010",
+    );
+}
+
+#[test]
+fn update_from_0_2_0_keeps_data_and_pending_calls() {
+    let mut old = old_database("v0_2_0", "0.2.0");
+    // 0.2.0 left five calls pending in deferred mode.
+    assert_eq!(pending(&mut old), 5);
+    assert_eq!(
+        scalar_text(&mut old, "SELECT fold_mode FROM usage_agg.config"),
+        Some("deferred".to_string())
+    );
+    write_with_the_new_library(&mut old, "f2000000-0000-0000-0000-000000000002");
+    update_and_compare(
+        &mut old,
+        "f2000000-0000-0000-0000-000000000001",
+        "async",
+        "upgrade_fresh_020",
     );
 }

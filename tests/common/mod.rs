@@ -13,61 +13,113 @@ pub fn dsn_for(db: &str) -> String {
     format!("host=127.0.0.1 port={} user=postgres dbname={db}", port())
 }
 
+/// The cluster with the background applier (usage_agg preloaded).
+pub fn applier_port() -> String {
+    std::env::var("USAGE_AGG_APPLIER_PORT").expect(
+        "USAGE_AGG_APPLIER_PORT is not set: run the integration tests through scripts/test.sh",
+    )
+}
+
 pub struct TestDb {
     pub name: String,
+    pub port: String,
 }
 
 impl TestDb {
-    /// A fresh database with `CREATE EXTENSION usage_agg` done.
+    /// A fresh database with `CREATE EXTENSION usage_agg` done, on the main
+    /// test cluster (no background applier: the default mode folds at once).
     pub fn new(name: &str) -> TestDb {
+        TestDb::on(port(), name)
+    }
+
+    /// A fresh database with the extension on the applier cluster, once its
+    /// applier runs (the default mode is then asynchronous).
+    pub fn with_applier(name: &str) -> TestDb {
+        let db = TestDb::on(applier_port(), name);
+        let mut c = db.connect();
+        wait_for(&mut c, "the applier to start", |c| {
+            scalar_text(c, "SELECT applier_running::text FROM usage_agg.fold_status").as_deref()
+                == Some("true")
+        });
+        assert_eq!(
+            scalar_text(&mut c, "SELECT effective_mode FROM usage_agg.fold_status").as_deref(),
+            Some("async")
+        );
+        db
+    }
+
+    fn on(port: String, name: &str) -> TestDb {
         let name = format!("ua_{name}");
-        let mut admin =
-            Client::connect(&dsn_for("postgres"), NoTls).expect("connect to the test cluster");
+        let admin_dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+        let mut admin = Client::connect(&admin_dsn, NoTls).expect("connect to the test cluster");
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .expect("drop old test database");
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .expect("create test database");
-        let db = TestDb { name };
+        let db = TestDb { name, port };
         db.connect()
             .batch_execute("CREATE EXTENSION usage_agg")
             .expect("create extension");
         db
     }
 
+    pub fn dsn(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={}", self.port, self.name)
+    }
+
     pub fn connect(&self) -> Client {
-        Client::connect(&dsn_for(&self.name), NoTls).expect("connect to the test database")
+        Client::connect(&self.dsn(), NoTls).expect("connect to the test database")
     }
 }
 
-/// The two values of `usage_agg.config.fold_mode`; tests that must hold in both
-/// run once per mode.
+/// Polls `done` every 50 ms for up to 20 seconds; fails the test naming `what`.
+pub fn wait_for(c: &mut Client, what: &str, mut done: impl FnMut(&mut Client) -> bool) {
+    let start = std::time::Instant::now();
+    while !done(c) {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(20),
+            "waited 20 s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// With an applier running: waits until it has folded every pending call.
+pub fn wait_until_folded(c: &mut Client) {
+    wait_for(c, "the applier to fold every pending call", |c| pending(c) == 0);
+}
+
+/// How a test database folds; tests that must hold in both run once per mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FoldMode {
-    Immediate,
-    Deferred,
+    /// The default (`auto`) on a server without the applier: every statement
+    /// folds at once.
+    Default,
+    /// `async`: calls wait in pending_deltas until apply_pending_deltas().
+    Async,
 }
 
 impl FoldMode {
     /// A fresh database (named after the test and the mode) in this mode.
     pub fn db(self, name: &str) -> TestDb {
         let db = TestDb::new(&format!("{name}_{self:?}").to_lowercase());
-        if self == FoldMode::Deferred {
+        if self == FoldMode::Async {
             db.connect()
-                .batch_execute("UPDATE usage_agg.config SET fold_mode = 'deferred'")
-                .expect("switch to deferred mode");
+                .batch_execute("UPDATE usage_agg.config SET fold_mode = 'async'")
+                .expect("switch to async mode");
         }
         db
     }
 
-    /// Deferred mode: checks that `expected` calls wait in pending_deltas, then
+    /// Async mode: checks that `expected` calls wait in pending_deltas, then
     /// applies them, so that daily_logs alone holds everything afterwards.
     pub fn settle(self, c: &mut Client, expected: i64) {
         let waiting = pending(c);
         match self {
-            FoldMode::Immediate => assert_eq!(waiting, 0, "nothing pends in immediate mode"),
-            FoldMode::Deferred => {
+            FoldMode::Default => assert_eq!(waiting, 0, "nothing pends without an applier"),
+            FoldMode::Async => {
                 assert_eq!(waiting, expected, "pending calls");
                 assert_eq!(
                     scalar_i64(c, "SELECT usage_agg.apply_pending_deltas()"),
@@ -80,16 +132,16 @@ impl FoldMode {
     /// Like `settle`, where the number of pending calls is not known (corrections
     /// absorb pending calls of their days): applies all, none may be left.
     pub fn settle_all(self, c: &mut Client) {
-        if self == FoldMode::Deferred {
+        if self == FoldMode::Async {
             scalar_i64(c, "SELECT usage_agg.apply_pending_deltas()");
         }
         assert_eq!(pending(c), 0);
     }
 }
 
-/// Calls waiting in pending_deltas (deferred mode).
+/// Calls waiting in pending_deltas.
 pub fn pending(c: &mut Client) -> i64 {
-    scalar_i64(c, "SELECT count(*) FROM usage_agg.pending_deltas")
+    scalar_i64(c, "SELECT COALESCE(sum(calls), 0)::int8 FROM usage_agg.pending_deltas")
 }
 
 /// The SQLSTATE of a failed statement.
