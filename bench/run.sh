@@ -123,7 +123,7 @@ if has single || has hot; then
         if has hot; then
             for c in "${CONTENDERS[@]}"; do
                 reset_tables "$c"
-                run_pgbench hot_16 "$c" 16 "$BENCH/insert_hot.pgbench"
+                run_pgbench hot_16 "$c" 16 "$BENCH/insert_hot_user.pgbench"
                 [ "$c" = deferred ] && apply_pending hot_16
                 check_and_empty "$c" "after the hot-user runs"
             done
@@ -243,7 +243,7 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
     echo "- machine: $(nproc) cores ($(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM, $(uname -srm)"
     echo "- server: $("${UA_PG_BIN}/postgres" --version), shared_buffers=1GB, max_wal_size=4GB, checkpoint_timeout=30min, fsync and synchronous_commit on; pgbench on the same machine"
     echo "- command: \`BENCH_WORKLOADS=\"$WORKLOADS\" BENCH_CLIENTS=\"$CLIENTS\" BENCH_SECONDS=$SECONDS_PER_RUN BENCH_ROUNDS=$ROUNDS BENCH_BULK_ROUNDS=$BULK_ROUNDS BENCH_READ_ROWS_M=$READ_ROWS_M bash bench/run.sh\`"
-    echo "- pgbench -M prepared, ${SECONDS_PER_RUN} s per run, 10,000 users, 4 keys, 3 models; medians of $ROUNDS rounds (bulk: $BULK_ROUNDS); latencies from per-transaction logs"
+    echo "- pgbench -M prepared, ${SECONDS_PER_RUN} s per run, 10,000 users, 20 keys, 3 models; medians of $ROUNDS rounds (bulk: $BULK_ROUNDS); latencies from per-transaction logs"
     echo
     if has single || has hot || has bulk; then
     echo "| workload | bare | usage_agg (immediate) | usage_agg (deferred) | PL/pgSQL trigger | empty trigger | immediate / bare | deferred / bare | immediate / PL/pgSQL | deferred / PL/pgSQL | deferred / empty trigger |"

@@ -5,7 +5,8 @@ ua_setup
 ua_install_extension
 PORT="${USAGE_AGG_DEMO_PORT:-28815}"
 ua_log "starting a throw-away cluster on port ${PORT} (${UA_RUN_DIR}/demo)"
-ua_cluster_start demo "$PORT"
+# usage_agg preloaded next to pg_cron: its background applier folds calls.
+ua_cluster_start demo "$PORT" "shared_preload_libraries = 'pg_cron,usage_agg'"
 trap 'ua_cluster_stop demo' EXIT
 ua_psql "$PORT" usage_agg_test <<'SQL'
 CREATE EXTENSION usage_agg;
@@ -23,6 +24,11 @@ SELECT '22222222-2222-2222-2222-222222222222', 'gpt-4o-mini', 100, 0.1, '2026-11
   FROM generate_series(1, 1000);
 
 \echo
+\echo '== the inserts only recorded their calls; readers are exact at once =='
+SELECT * FROM usage_agg.usage_summary('11111111-1111-1111-1111-111111111111', '2026-11-21 12:00+00');
+\echo '== the background applier folds them within apply_interval (500 ms) =='
+SELECT pg_sleep(1);
+SELECT effective_mode, applier_running, applied_total, pending_calls FROM usage_agg.fold_status;
 \echo '== usage_agg.daily_logs (day = created_at in Asia/Shanghai) =='
 SELECT user_id, date, jsonb_pretty(log_data) AS log_data FROM usage_agg.daily_logs ORDER BY user_id, date;
 \echo '== verify_daily_logs: no rows means the aggregate equals GROUP BY over the detail =='

@@ -268,6 +268,8 @@ COMMENT ON VIEW usage_agg.fold_status IS
     'The asynchronous fold: mode in effect, background applier state, pending calls and the age of the oldest, days that could not be folded, and what to do';
 
 
+-- CREATE OR REPLACE VIEW resets the options.
+ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.fold_status SET (security_invoker = true);
 
 CREATE OR REPLACE FUNCTION usage_agg.grant_read_role(role_name name) RETURNS void

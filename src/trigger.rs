@@ -87,7 +87,7 @@ fn fold_key_usage_logs<'a>(
     if !has_old && new_rows == 0 {
         return Ok(None);
     }
-    let config = config::cached().unwrap_or_else(|| Spi::connect(|c| config::read(&c)));
+    let config = config::cached().unwrap_or_else(|| Spi::connect(config::read));
     let path = if has_old {
         Path::Fold
     } else {

@@ -450,7 +450,8 @@ fn claim_slot(dboid: pg_sys::Oid) -> Option<usize> {
                 .or_else(|| {
                     slots.iter().position(|s| {
                         s.pid.load(Ordering::Acquire) == 0
-                            && State::from_u32(s.state.load(Ordering::Acquire)) == State::NoExtension
+                            && State::from_u32(s.state.load(Ordering::Acquire))
+                                == State::NoExtension
                     })
                 })?;
             let slot = &slots[free];
@@ -643,8 +644,12 @@ fn wake_applier() {
     }
 }
 
-/// `usage_agg._applier_state()`: the state of this database's applier.
+type Timestamp = Option<pgrx::datum::TimestampWithTimeZone>;
+
+/// `usage_agg._applier_state()`: the state of this database's applier. (pgrx
+/// needs the row type spelled out here.)
 #[pg_extern(volatile, parallel_safe, name = "_applier_state")]
+#[allow(clippy::type_complexity)]
 fn applier_state() -> TableIterator<
     'static,
     (
@@ -652,13 +657,13 @@ fn applier_state() -> TableIterator<
         name!(running, bool),
         name!(pid, Option<i32>),
         name!(state, String),
-        name!(started_at, Option<pgrx::datum::TimestampWithTimeZone>),
-        name!(last_run_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(started_at, Timestamp),
+        name!(last_run_at, Timestamp),
         name!(last_applied, i64),
         name!(applied_last_minute, i64),
         name!(applied_total, i64),
         name!(errors, i64),
-        name!(last_error_at, Option<pgrx::datum::TimestampWithTimeZone>),
+        name!(last_error_at, Timestamp),
     ),
 > {
     let s = snapshot();

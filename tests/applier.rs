@@ -260,7 +260,9 @@ fn a_corrupted_day_is_skipped_reported_and_folds_after_repair() {
     wait_for(&mut c, "the day to be skipped", |c| {
         scalar_i64(c, "SELECT count(*) FROM usage_agg.fold_skipped") == 1
     });
-    wait_for(&mut c, "every other call to be folded", |c| pending(c) == 101);
+    wait_for(&mut c, "every other call to be folded", |c| {
+        pending(c) == 101
+    });
     assert_eq!(
         scalar_text(
             &mut c,

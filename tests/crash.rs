@@ -32,7 +32,8 @@ fn cluster(action: &str) {
         .args([
             script,
             action,
-            &std::env::var("USAGE_AGG_APPLIER_CLUSTER").expect("USAGE_AGG_APPLIER_CLUSTER is not set"),
+            &std::env::var("USAGE_AGG_APPLIER_CLUSTER")
+                .expect("USAGE_AGG_APPLIER_CLUSTER is not set"),
         ])
         .output()
         .expect("run crash_restart.sh");

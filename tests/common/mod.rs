@@ -66,7 +66,10 @@ impl TestDb {
     }
 
     pub fn dsn(&self) -> String {
-        format!("host=127.0.0.1 port={} user=postgres dbname={}", self.port, self.name)
+        format!(
+            "host=127.0.0.1 port={} user=postgres dbname={}",
+            self.port, self.name
+        )
     }
 
     pub fn connect(&self) -> Client {
@@ -88,7 +91,9 @@ pub fn wait_for(c: &mut Client, what: &str, mut done: impl FnMut(&mut Client) ->
 
 /// With an applier running: waits until it has folded every pending call.
 pub fn wait_until_folded(c: &mut Client) {
-    wait_for(c, "the applier to fold every pending call", |c| pending(c) == 0);
+    wait_for(c, "the applier to fold every pending call", |c| {
+        pending(c) == 0
+    });
 }
 
 /// How a test database folds; tests that must hold in both run once per mode.
@@ -141,7 +146,10 @@ impl FoldMode {
 
 /// Calls waiting in pending_deltas.
 pub fn pending(c: &mut Client) -> i64 {
-    scalar_i64(c, "SELECT COALESCE(sum(calls), 0)::int8 FROM usage_agg.pending_deltas")
+    scalar_i64(
+        c,
+        "SELECT COALESCE(sum(calls), 0)::int8 FROM usage_agg.pending_deltas",
+    )
 }
 
 /// The SQLSTATE of a failed statement.
