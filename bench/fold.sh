@@ -245,7 +245,7 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
         fi
         echo
         errors_of() { awk -v g="$cfg" -v c="$1" '$1 == g && $3 == c && $7 != "-" {s += $7} END {print s + 0}' "$RAW"; }
-        echo "Errors (failed or aborted transactions) in all runs: bare $(errors_of bare), default $(errors_of default), immediate $(errors_of immediate), PL/pgSQL $(errors_of plpgsql), empty $(errors_of empty); deadlocks reported by the server: $(awk -v g="$cfg" '$1 == g && $2 == "deadlocks" {print $8}' "$RAW")."
+        echo "Errors (failed or aborted transactions) in all runs: bare $(errors_of bare), default $(errors_of default), immediate $(errors_of immediate), PL/pgSQL $(errors_of plpgsql), empty $(errors_of empty); deadlocks reported by the server: $(awk -v g="$cfg" '$1 == g && $2 == "deadlocks" {print $7}' "$RAW")."
         echo
         echo "Freshness of the default mode (age of the oldest pending call, sampled every 100 ms during the run; time to fold the backlog after the load stopped):"
         echo

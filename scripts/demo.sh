@@ -26,7 +26,7 @@ SELECT '22222222-2222-2222-2222-222222222222', 'gpt-4o-mini', 100, 0.1, '2026-11
 \echo
 \echo '== the inserts only recorded their calls; readers are exact at once =='
 SELECT * FROM usage_agg.usage_summary('11111111-1111-1111-1111-111111111111', '2026-11-21 12:00+00');
-\echo '== the background applier folds them within apply_interval (500 ms) =='
+\echo '== the background applier folds them within apply_interval (100 ms) =='
 SELECT pg_sleep(1);
 SELECT effective_mode, applier_running, applied_total, pending_calls FROM usage_agg.fold_status;
 \echo '== usage_agg.daily_logs (day = created_at in Asia/Shanghai) =='

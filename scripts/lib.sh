@@ -116,9 +116,10 @@ ua_cluster_start() {
         echo "log_min_messages = warning"
         for line in "$@"; do echo "$line"; done
     } | ua_as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
-    # Without RUST_BACKTRACE the server reports errors without Rust backtraces in
-    # their DETAIL, as it does in production.
-    ua_as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
+    # The server's environment is ours less RUST_BACKTRACE/RUST_LIB_BACKTRACE,
+    # plus $UA_SERVER_ENV (VAR=value ...; the applier cluster sets them, to show
+    # that errors carry no backtraces whatever the environment).
+    ua_as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE ${UA_SERVER_ENV:-} \
         "${UA_PG_BIN}/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
     ua_psql "$port" postgres -c "CREATE DATABASE usage_agg_test" >/dev/null
 }

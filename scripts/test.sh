@@ -36,7 +36,10 @@ export USAGE_AGG_UPGRADE_PORT="$PORT"
 ua_install_extension
 # A second cluster with the background applier (usage_agg preloaded next to
 # pg_cron), for tests/applier.rs and tests/crash.rs (which kills it with SIGKILL).
+# Started with RUST_BACKTRACE set, as a developer's shell might: errors must not
+# carry backtraces anyway (tests/applier.rs).
 APPLIER_PORT=$((PORT + 2))
+export UA_SERVER_ENV="RUST_BACKTRACE=1 RUST_LIB_BACKTRACE=1"
 ua_cluster_start applier "$APPLIER_PORT" "shared_preload_libraries = 'pg_cron,usage_agg'" \
     "max_worker_processes = 32"
 trap 'ua_cluster_stop itest; ua_cluster_stop applier' EXIT

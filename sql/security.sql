@@ -28,7 +28,13 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg.unschedule_maintenance(),
     usage_agg.rebuild_daily_logs(date, date),
     usage_agg.apply_pending_deltas(integer),
-    usage_agg.post_restore()
+    usage_agg.post_restore(),
+    usage_agg._verify_recent_days()
+FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE
+    usage_agg.expire_key_usage_logs(interval, bigint),
+    usage_agg.expire_daily_logs(interval, bigint),
+    usage_agg.maintain()
 FROM PUBLIC;
 
 -- Views read with the privileges (and row-level security policies) of whoever
@@ -73,7 +79,7 @@ BEGIN
                            usage_agg.pending_deltas, usage_agg.config, usage_agg.retention_horizon,
                            usage_agg.quota_plans, usage_agg.quotas, usage_agg.quota_usage_logs,
                            usage_agg.maintenance_runs, usage_agg.maintenance_health,
-                           usage_agg.fold_status, usage_agg.fold_skipped,
+                           usage_agg.fold_status, usage_agg.fold_skipped, usage_agg.restores,
                            usage_agg.daily_usage, usage_agg.monthly_usage,
                            usage_agg.daily_usage_by_model, usage_agg.daily_usage_by_key,
                            usage_agg.monthly_usage_by_model, usage_agg.monthly_usage_by_key

@@ -284,7 +284,8 @@ COMMENT ON FUNCTION usage_agg.rebuild_daily_logs(date, date) IS
 -- After restoring a pg_dump of a database using usage_agg: restoring the detail
 -- fires the fold on top of the restored daily_logs, so every day that has
 -- detail is recomputed from it (keeping application keys; pending calls of those
--- days are dropped, they are in the detail). Returns the rows rewritten.
+-- days are dropped, they are in the detail), and the restore is marked healed.
+-- Returns the rows rewritten.
 CREATE FUNCTION usage_agg.post_restore()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -294,15 +295,17 @@ DECLARE
     v_tz text := usage_agg._timezone();
     v_from date;
     v_to date;
+    v_rows bigint := 0;
 BEGIN
     SELECT (min(k.created_at) AT TIME ZONE v_tz)::date, (max(k.created_at) AT TIME ZONE v_tz)::date
       INTO v_from, v_to
       FROM usage_agg.key_usage_logs k;
-    IF v_from IS NULL THEN
-        RETURN 0;
+    IF v_from IS NOT NULL THEN
+        v_rows := usage_agg.rebuild_daily_logs(v_from, v_to);
     END IF;
-    RETURN usage_agg.rebuild_daily_logs(v_from, v_to);
+    UPDATE usage_agg.restores SET healed_at = now(), rows_rewritten = v_rows WHERE healed_at IS NULL;
+    RETURN v_rows;
 END;
 $$;
 COMMENT ON FUNCTION usage_agg.post_restore() IS
-    'Run once after restoring a pg_dump: recomputes the aggregates of every day with detail (the restore folded the detail a second time)';
+    'After restoring a pg_dump: recomputes the aggregates of every day with detail (the restore folded the detail a second time); run_maintenance() runs it when a restore is noticed; harmless when run again';

@@ -129,3 +129,15 @@ pub fn old_catalog(function: &str) -> ! {
     .report(PgLogLevel::ERROR);
     unreachable!()
 }
+
+/// pgrx puts a Rust backtrace into the DETAIL of every error it reports when
+/// `RUST_BACKTRACE` or `RUST_LIB_BACKTRACE` is set in the server's environment
+/// (a `pg_ctl start` from a developer's shell): an error a user meets must read
+/// the same in every environment. Called from `_PG_init`, before any error; the
+/// postmaster's environment is inherited by every process it starts.
+pub fn no_backtraces_in_details() {
+    // A backend is single-threaded, and nothing reads the environment while the
+    // library loads.
+    std::env::remove_var("RUST_BACKTRACE");
+    std::env::remove_var("RUST_LIB_BACKTRACE");
+}

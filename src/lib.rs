@@ -36,10 +36,12 @@ mod worker;
 ::pgrx::pg_module_magic!(name, version);
 
 /// With `usage_agg` in `shared_preload_libraries`, sets up the shared memory of
-/// the appliers and registers their launcher; loaded later (by a backend), it
-/// does nothing and the `auto` fold mode folds immediately.
+/// the appliers and registers their launcher; loaded later (by a backend), the
+/// `auto` fold mode folds immediately. Either way, errors carry no Rust
+/// backtraces.
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    errors::no_backtraces_in_details();
     // SAFETY: a flag the postmaster sets while loading preload libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         worker::init_preloaded();

@@ -347,3 +347,27 @@ fn drop_extension_and_drop_database_while_the_applier_runs() {
         .batch_execute(&format!("DROP DATABASE {}", db.name))
         .expect("DROP DATABASE while its applier runs");
 }
+
+#[test]
+fn errors_carry_no_backtrace_whatever_the_server_environment() {
+    // This cluster was started with RUST_BACKTRACE=1 and RUST_LIB_BACKTRACE=1.
+    let db = TestDb::with_applier("applier_backtrace");
+    let mut c = db.connect();
+    c.batch_execute(
+        "UPDATE usage_agg.config SET fold_mode = 'immediate';
+         INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
+         VALUES ('a7000000-0000-0000-0000-000000000001', '2026-09-10', '{\"api_call_count\": \"abc\"}', now())",
+    )
+    .unwrap();
+    let err = db_error(c.batch_execute(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, created_at) VALUES ('a7000000-0000-0000-0000-000000000001', '2026-09-10 10:00+00')",
+    ));
+    assert_eq!(err.code().code(), "XX001");
+    assert_eq!(
+        err.detail(),
+        Some("field \"api_call_count\" holds \"abc\" where an integer was expected.")
+    );
+    let err = db_error(c.batch_execute("SELECT usage_agg.apply_pending_deltas(-1)"));
+    assert_eq!(err.code().code(), "22023");
+    assert_eq!(err.detail(), Some("max_rows = -1"));
+}

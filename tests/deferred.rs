@@ -269,7 +269,9 @@ fn switching_modes_and_maintenance_keep_totals() {
     assert_eq!(
         runs,
         vec![
+            "post_restore 0",
             "apply_pending_deltas 1",
+            "verify_recent_days 0",
             "cleanup_old_key_usage_logs 1",
             "cleanup_old_daily_logs 1",
             "reset_expired_quotas 0"

@@ -1,6 +1,9 @@
 //! pg_dump of a database using usage_agg, restored into a fresh database with
-//! the extension available: identical detail, aggregates, quotas, plans and
-//! config after `usage_agg.post_restore()`, and folds and quota calls go on.
+//! the extension available, in the custom format (pg_restore) and as plain SQL
+//! (psql): the restore is noticed, `run_maintenance()` heals it with no extra
+//! step (the restored detail was folded again on top of the restored
+//! aggregates), and then detail, aggregates, quotas, plans and config are
+//! identical; `post_restore()` stays harmless; folds and quota calls go on.
 #![cfg(not(feature = "pg_test"))]
 
 mod common;
@@ -12,8 +15,9 @@ use postgres::Client;
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 
-/// Every table's data, as readers see it (pending calls applied first).
-fn fingerprint(c: &mut Client) -> Vec<String> {
+/// Every table's data, as readers see it (pending calls applied first);
+/// maintenance runs up to `until` (the runs of the restored database are its own).
+fn fingerprint(c: &mut Client, until: &str) -> Vec<String> {
     [
         ("config", "timezone, detail_retention, daily_retention, cleanup_batch_size, fold_mode", "1"),
         ("retention_horizon", "detail_kept_from, daily_kept_from", "1"),
@@ -28,8 +32,13 @@ fn fingerprint(c: &mut Client) -> Vec<String> {
     ]
     .iter()
     .map(|(t, cols, order)| {
+        let filter = if *t == "maintenance_runs" {
+            format!("WHERE started <= '{until}'")
+        } else {
+            String::new()
+        };
         let sql = format!(
-            "SELECT count(*) || ' ' || coalesce(md5(string_agg(row({cols})::text, '|' ORDER BY {order})), '-') FROM usage_agg.{t}"
+            "SELECT count(*) || ' ' || coalesce(md5(string_agg(row({cols})::text, '|' ORDER BY {order})), '-') FROM usage_agg.{t} {filter}"
         );
         format!("{t}: {}", scalar_text(c, &sql).unwrap())
     })
@@ -93,56 +102,118 @@ fn dump_and_restore_keep_everything() {
     };
     let summaries_before = summaries(&mut c);
 
+    let dumped_at = scalar_text(&mut c, "SELECT clock_timestamp()::text").unwrap();
     let dump = std::env::temp_dir().join(format!("usage_agg_dump_{}.pgdump", std::process::id()));
     run(pg_tool("pg_dump").args(["-Fc", "-f", dump.to_str().unwrap(), &source.name]));
+    let plain = std::env::temp_dir().join(format!("usage_agg_dump_{}.sql", std::process::id()));
+    run(pg_tool("pg_dump").args(["-Fp", "-f", plain.to_str().unwrap(), &source.name]));
     // The source, as readers see it, once its pending calls are applied.
     c.batch_execute("SELECT usage_agg.apply_pending_deltas()")
         .unwrap();
-    let before = fingerprint(&mut c);
+    let before = fingerprint(&mut c, &dumped_at);
 
-    // A fresh, empty database on a server with usage_agg installed: the dump
-    // creates the schema and the extension, then restores the data.
-    let target = "ua_dump_target";
     let mut admin = Client::connect(&dsn_for("postgres"), postgres::NoTls).unwrap();
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {target} WITH (FORCE)"))
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {target}"))
-        .unwrap();
-    run(pg_tool("pg_restore").args(["--exit-on-error", "-d", target, dump.to_str().unwrap()]));
-    std::fs::remove_file(&dump).ok();
-    let mut t = Client::connect(&dsn_for(target), postgres::NoTls).unwrap();
-    t.batch_execute("SELECT usage_agg.post_restore()").unwrap();
-    assert_eq!(summaries(&mut t), summaries_before);
-    assert_eq!(
-        scalar_i64(&mut t, "SELECT count(*) FROM usage_agg.pending_deltas"),
-        0
-    );
-    assert_eq!(fingerprint(&mut t), before);
-    assert_eq!(
-        verify(&mut t, "2000-01-01", "2100-01-01"),
-        Vec::<String>::new()
-    );
-
-    // Folds and quota calls go on.
-    t.batch_execute(
-        "UPDATE usage_agg.config SET fold_mode = 'immediate';
-         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('d0d00000-0000-0000-0000-000000000003', 1);
-         SELECT usage_agg.consume_quota('d0d00000-0000-0000-0000-000000000003', 1, NULL, 'after-restore');",
-    )
-    .unwrap();
-    assert_eq!(
-        verify(&mut t, "2000-01-01", "2100-01-01"),
-        Vec::<String>::new()
-    );
-    assert_eq!(
-        scalar_text(
+    for (target, format) in [
+        ("ua_dump_target", "custom"),
+        ("ua_dump_target_plain", "plain"),
+    ] {
+        // A fresh, empty database on a server with usage_agg installed: the dump
+        // creates the schema and the extension, then restores the data.
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {target} WITH (FORCE)"))
+            .unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {target}"))
+            .unwrap();
+        if format == "custom" {
+            run(pg_tool("pg_restore").args([
+                "--exit-on-error",
+                "-d",
+                target,
+                dump.to_str().unwrap(),
+            ]));
+        } else {
+            run(pg_tool("psql").args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                target,
+                "-f",
+                plain.to_str().unwrap(),
+            ]));
+        }
+        let mut t = Client::connect(&dsn_for(target), postgres::NoTls).unwrap();
+        // Noticed: until healed, the restored days are counted twice, and
+        // maintenance_health says so.
+        assert_ne!(
+            summaries(&mut t),
+            summaries_before,
+            "{format}: the restore folded the detail again"
+        );
+        assert_eq!(
+            scalar_text(
+                &mut t,
+                "SELECT overdue || ' ' || alert || ' ' || (last_error LIKE 'restored at %: the restored days are counted twice until SELECT usage_agg.post_restore() runs%')
+                   FROM usage_agg.maintenance_health WHERE step = 'post_restore'"
+            ),
+            Some("true true true".to_string()),
+            "{format}"
+        );
+        // The next maintenance run heals it: no extra step.
+        let healed = scalar_i64(
             &mut t,
-            "SELECT (SELECT monthly_used FROM usage_agg.quotas WHERE user_id = 'd0d00000-0000-0000-0000-000000000003')
-                    || ' ' || (SELECT count(*) FROM usage_agg.quota_usage_logs WHERE user_id = 'd0d00000-0000-0000-0000-000000000003' AND refunded_at IS NULL)"
-        ),
-        // 10 consumptions of user 3 (q-3, q-7, ..., q-39), q-7 refunded, one more now
-        Some("10 10".to_string())
-    );
+            "SELECT rows FROM usage_agg.run_maintenance() WHERE step = 'post_restore' AND ok",
+        );
+        assert!(healed > 0, "{format}: post_restore rewrote {healed} rows");
+        assert_eq!(summaries(&mut t), summaries_before, "{format}");
+        assert_eq!(pending(&mut t), 0, "{format}");
+        assert_eq!(fingerprint(&mut t, &dumped_at), before, "{format}");
+        assert_eq!(
+            verify(&mut t, "2000-01-01", "2100-01-01"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            scalar_text(
+                &mut t,
+                "SELECT overdue || ' ' || alert || ' ' || coalesce(last_error, '-') FROM usage_agg.maintenance_health WHERE step = 'post_restore'"
+            ),
+            Some("false false -".to_string()),
+            "{format}"
+        );
+        // post_restore() by hand, again: harmless.
+        t.batch_execute("SELECT usage_agg.post_restore()").unwrap();
+        assert_eq!(fingerprint(&mut t, &dumped_at), before, "{format}");
+        assert_eq!(
+            scalar_i64(
+                &mut t,
+                "SELECT count(*) FROM usage_agg.restores WHERE healed_at IS NULL"
+            ),
+            0
+        );
+
+        // Folds and quota calls go on.
+        t.batch_execute(
+            "UPDATE usage_agg.config SET fold_mode = 'immediate';
+             INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('d0d00000-0000-0000-0000-000000000003', 1);
+             SELECT usage_agg.consume_quota('d0d00000-0000-0000-0000-000000000003', 1, NULL, 'after-restore');",
+        )
+        .unwrap();
+        assert_eq!(
+            verify(&mut t, "2000-01-01", "2100-01-01"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            scalar_text(
+                &mut t,
+                "SELECT (SELECT monthly_used FROM usage_agg.quotas WHERE user_id = 'd0d00000-0000-0000-0000-000000000003')
+                        || ' ' || (SELECT count(*) FROM usage_agg.quota_usage_logs WHERE user_id = 'd0d00000-0000-0000-0000-000000000003' AND refunded_at IS NULL)"
+            ),
+            // 10 consumptions of user 3 (q-3, q-7, ..., q-39), q-7 refunded, one more now
+            Some("10 10".to_string())
+        );
+    }
+    std::fs::remove_file(&dump).ok();
+    std::fs::remove_file(&plain).ok();
 }

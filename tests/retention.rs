@@ -435,7 +435,9 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     assert_eq!(
         runs,
         vec![
+            "post_restore true 0 ".to_string(),
             "apply_pending_deltas true 0 ".to_string(),
+            "verify_recent_days true 0 ".to_string(),
             "cleanup_old_key_usage_logs true 119 ".to_string(),
             "cleanup_old_daily_logs false NULL XX001: usage_agg: cannot roll a daily_logs row up into monthly_logs: corrupted field \"api_call_count\"".to_string(),
             "reset_expired_quotas true 1 ".to_string(),
@@ -452,7 +454,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     );
     assert_eq!(
         scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.maintenance_runs"),
-        4
+        6
     );
     let health = |c: &mut Client| -> Vec<String> {
         c.query(
@@ -469,7 +471,9 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     assert_eq!(
         health(&mut c),
         vec![
+            "post_restore true 0 false false",
             "apply_pending_deltas true 0 false false",
+            "verify_recent_days true 0 false false",
             "cleanup_old_key_usage_logs true 119 false false",
             "cleanup_old_daily_logs false NULL true true",
             "reset_expired_quotas true 1 false false",
@@ -488,7 +492,9 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     assert_eq!(
         health(&mut c),
         vec![
+            "post_restore true 0 false false",
             "apply_pending_deltas true 0 false false",
+            "verify_recent_days true 0 false false",
             "cleanup_old_key_usage_logs true 0 false false",
             "cleanup_old_daily_logs true 59 false false",
             "reset_expired_quotas true 0 false false",
@@ -531,7 +537,7 @@ fn pg_cron_schedules_and_runs_maintenance() {
     assert_eq!(
         job(&mut c),
         vec![format!(
-            "{id} usage_agg_maintenance 17 3 * * * SELECT usage_agg.run_maintenance() usage_agg_test"
+            "{id} usage_agg_maintenance 17 3 * * * CALL usage_agg.maintain() usage_agg_test"
         )]
     );
     assert_eq!(
@@ -551,7 +557,7 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        4
+        6
     );
     // ... and when pg_cron runs it: every minute, so within about a minute.
     assert_eq!(
@@ -583,14 +589,14 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        8
+        12
     );
     assert_eq!(
         scalar_i64(
             &mut c,
-            "SELECT count(*) FROM usage_agg.maintenance_health WHERE NOT overdue AND last_run_ok"
+            "SELECT count(*) FROM usage_agg.maintenance_health WHERE NOT overdue AND last_run_ok AND NOT alert"
         ),
-        4
+        6
     );
 
     assert!(c
@@ -784,4 +790,168 @@ fn bi_views_show_plain_columns() {
         ),
         vec!["2026-03-01 4 3 1 160 0.40"]
     );
+}
+
+#[test]
+fn maintenance_finds_drift_in_recent_days_and_repairs_it_when_asked() {
+    let db = TestDb::new("drift");
+    let mut c = db.connect();
+    let u = "d5000000-0000-0000-0000-000000000001";
+    c.batch_execute(&format!(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) SELECT '{u}', 0.5 FROM generate_series(1, 4);
+         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate, created_at) VALUES ('{u}', 1, now() - interval '5 days');"
+    ))
+    .unwrap();
+    let step = |c: &mut Client| -> String {
+        scalar_text(
+            c,
+            "SELECT r.ok || ' ' || r.rows || ' ' || coalesce(r.error, '-')
+               FROM usage_agg.run_maintenance() r WHERE r.step = 'verify_recent_days'",
+        )
+        .unwrap()
+    };
+    let health = |c: &mut Client| -> String {
+        scalar_text(
+            c,
+            "SELECT last_run_ok || ' ' || alert FROM usage_agg.maintenance_health WHERE step = 'verify_recent_days'",
+        )
+        .unwrap()
+    };
+    assert_eq!(step(&mut c), "true 0 -");
+    assert_eq!(health(&mut c), "true false");
+    // An aggregate changed behind the fold's back (today), and one outside the
+    // checked window (5 days ago), which the nightly check does not look at.
+    c.batch_execute(&format!(
+        "UPDATE usage_agg.daily_logs SET log_data = jsonb_set(log_data, '{{shared_service_usage,estimated_cost}}', '0')
+          WHERE user_id = '{u}'"
+    ))
+    .unwrap();
+    let today = scalar_text(&mut c, "SELECT (now() AT TIME ZONE 'UTC')::date::text").unwrap();
+    let from = scalar_text(
+        &mut c,
+        "SELECT ((now() AT TIME ZONE 'UTC')::date - 1)::text",
+    )
+    .unwrap();
+    let found = format!(
+        "drift: 1 field(s) of daily_logs disagree with the detail on {today} (for example {u} {today} shared_service_usage.estimated_cost: 0 in the aggregate, 2.0 in the detail)"
+    );
+    assert_eq!(
+        step(&mut c),
+        format!(
+            "false 1 {found}; repair with SELECT usage_agg.rebuild_daily_logs('{from}', '{today}')"
+        )
+    );
+    assert_eq!(health(&mut c), "false true");
+    // With repair_drift, the next run rebuilds the window and says so.
+    c.batch_execute("UPDATE usage_agg.config SET repair_drift = true")
+        .unwrap();
+    assert_eq!(
+        step(&mut c),
+        format!("false 1 {found}; repaired by rebuild_daily_logs")
+    );
+    assert_eq!(step(&mut c), "true 0 -");
+    assert_eq!(health(&mut c), "true false");
+    assert_eq!(verify(&mut c, &from, &today), Vec::<String>::new());
+    // The older day is still drifted: only the recent window is checked.
+    assert_eq!(verify(&mut c, "2000-01-01", "2100-01-01").len(), 1);
+    c.batch_execute("UPDATE usage_agg.config SET verify_recent_days = 0")
+        .unwrap();
+    assert_eq!(step(&mut c), "true 0 -");
+    let err = db_error(c.batch_execute("UPDATE usage_agg.config SET verify_recent_days = 400"));
+    assert_eq!(err.code().code(), "23514");
+}
+
+#[test]
+fn a_cancelled_batched_cleanup_keeps_its_finished_batches() {
+    let db = TestDb::new("cleanup_cancel");
+    let mut c = db.connect();
+    c.batch_execute(
+        "UPDATE usage_agg.config SET cleanup_batch_size = 500;
+         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate, created_at)
+         SELECT ('d6000000-0000-0000-0000-00000000000' || (g % 5))::uuid, 0.01,
+                now() - interval '40 days' - (g % 1000) * interval '1 second'
+           FROM generate_series(1, 60000) g;
+         INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate)
+         SELECT 'd6000000-0000-0000-0000-000000000001', 0.01 FROM generate_series(1, 10);",
+    )
+    .unwrap();
+    let expired = "SELECT count(*) FROM usage_agg.key_usage_logs WHERE created_at < now() - interval '35 days'";
+    let aggregates =
+        "SELECT sum((log_data->>'api_call_count')::bigint)::int8 FROM usage_agg.daily_logs";
+    assert_eq!(scalar_i64(&mut c, aggregates), 60010);
+
+    let mut worker = db.connect();
+    let pid: i32 = worker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .unwrap()
+        .get(0);
+    let call = thread::spawn(move || {
+        worker
+            .batch_execute("CALL usage_agg.expire_key_usage_logs()")
+            .map_err(|e| e.code().map(|c| c.code().to_string()))
+    });
+    // Cancelled once a few batches are committed.
+    wait_for(&mut c, "the first batches", |c| {
+        scalar_i64(c, expired) <= 58000
+    });
+    assert!(c
+        .query_one("SELECT pg_cancel_backend($1)", &[&pid])
+        .unwrap()
+        .get::<_, bool>(0));
+    assert_eq!(
+        call.join().unwrap(),
+        Err(Some("57014".to_string())),
+        "the CALL was cancelled"
+    );
+    let left = scalar_i64(&mut c, expired);
+    assert!(left > 0 && left <= 58000, "{left} expired rows left");
+    assert_eq!((60000 - left) % 500, 0, "only whole batches were deleted");
+    // Consistent as it stands: aggregates untouched, nothing to verify wrong.
+    assert_eq!(scalar_i64(&mut c, aggregates), 60010);
+    assert_eq!(verify_all(&mut c), Vec::<String>::new());
+
+    // statement_timeout counts from the CALL: it stops it between batches too.
+    c.batch_execute("SET statement_timeout = '300ms'").unwrap();
+    let err = db_error(c.batch_execute("CALL usage_agg.expire_key_usage_logs()"));
+    assert_eq!(err.code().code(), "57014");
+    c.batch_execute("RESET statement_timeout").unwrap();
+    let after_timeout = scalar_i64(&mut c, expired);
+    assert!(after_timeout <= left && (60000 - after_timeout) % 500 == 0);
+
+    // Run again, it finishes what is left; the days stay summed.
+    let removed = call_returning(&mut c, "CALL usage_agg.expire_key_usage_logs(NULL, NULL)");
+    assert_eq!(removed, after_timeout);
+    assert_eq!(scalar_i64(&mut c, expired), 0);
+    assert_eq!(scalar_i64(&mut c, aggregates), 60010);
+    assert_eq!(verify_all(&mut c), Vec::<String>::new());
+    // The daily roll-up as a procedure, committing per batch.
+    c.batch_execute("UPDATE usage_agg.config SET daily_retention = '35 days'")
+        .unwrap();
+    let old_days = scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM usage_agg.daily_logs WHERE date < (now() - interval '35 days')::date",
+    );
+    assert!(old_days >= 5);
+    let rolled = call_returning(&mut c, "CALL usage_agg.expire_daily_logs(NULL, NULL)");
+    assert_eq!(rolled, old_days);
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT sum((log_data->>'api_call_count')::bigint)::int8 FROM usage_agg.monthly_logs"
+        ),
+        60000
+    );
+}
+
+/// Runs a CALL through the simple protocol (its procedure commits) and returns
+/// its one INOUT value.
+fn call_returning(c: &mut Client, call: &str) -> i64 {
+    c.simple_query(call)
+        .unwrap()
+        .iter()
+        .find_map(|m| match m {
+            postgres::SimpleQueryMessage::Row(r) => r.get(0).map(|v| v.parse::<i64>().unwrap()),
+            _ => None,
+        })
+        .expect("the CALL returns its INOUT value")
 }

@@ -35,7 +35,7 @@ fn data_fingerprint(c: &mut Client) -> Vec<String> {
                 .query(
                     "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
                       WHERE attrelid = ('usage_agg.' || $1)::regclass AND attnum > 0 AND NOT attisdropped
-                        AND attname NOT IN ('fold_mode', 'apply_interval', 'pending_alert_after')",
+                        AND attname NOT IN ('fold_mode', 'apply_interval', 'pending_alert_after', 'verify_recent_days', 'repair_drift')",
                     &[t],
                 )
                 .unwrap()[0]
