@@ -147,7 +147,7 @@ pub fn apply_batch(client: &mut SpiClient<'_>, max_rows: i32, timezone: &str) ->
         return (0, 0);
     }
     let taken_calls: i64 = rows.iter().map(|(_, g, _)| g.calls).sum();
-    let deltas = logdata::group_rows(rows.iter().cloned());
+    let deltas = logdata::group_rows(&rows);
     let applied_keys: Vec<Key> = deltas.keys().copied().collect();
     let skipped = fold::write_groups(client, deltas, timezone, true);
 

@@ -210,13 +210,14 @@ fn cells_json(cells: &BTreeMap<String, Cell>) -> Value {
 
 /// Groups the rows of one statement per (user, day). `K` is whatever identifies a
 /// (user, day) in the caller; the map is ordered so that rows are locked in a fixed
-/// order and concurrent statements cannot deadlock each other.
-pub fn group_rows<K: Ord>(
-    rows: impl IntoIterator<Item = (K, GroupRow, bool)>,
+/// order and concurrent statements cannot deadlock each other. The rows are
+/// borrowed: callers keep them (to record the ones that could not be folded).
+pub fn group_rows<'r, K: Ord + Copy + 'r>(
+    rows: impl IntoIterator<Item = &'r (K, GroupRow, bool)>,
 ) -> BTreeMap<K, DayDelta> {
     let mut out: BTreeMap<K, DayDelta> = BTreeMap::new();
     for (k, row, removed) in rows {
-        out.entry(k).or_default().apply(&row, removed);
+        out.entry(*k).or_default().apply(row, *removed);
     }
     out
 }
@@ -783,7 +784,7 @@ mod tests {
     #[test]
     fn update_of_an_ignored_column_is_a_noop() {
         let r = row(Some("m"), Some("k"), 1, 1, 5, "0.2", T0);
-        let grouped = group_rows(vec![(1, r.clone(), true), (1, r, false)]);
+        let grouped = group_rows(&vec![(1, r.clone(), true), (1, r, false)]);
         assert!(grouped[&1].is_noop());
         let mut moved = DayDelta::default();
         moved.apply(&row(Some("m"), None, 1, 1, 5, "0.2", T0), true);

@@ -155,12 +155,11 @@ fn fold_key_usage_logs<'a>(
 /// Folds a statement's groups into daily_logs. Tolerant: the calls of a (user,
 /// day) whose daily row is corrupted are recorded as pending instead.
 fn fold_now(client: &mut SpiClient<'_>, rows: Vec<Group>, timezone: &str, tolerant: bool) {
-    let kept = tolerant.then(|| rows.clone());
-    let groups: BTreeMap<Key, DayDelta> = logdata::group_rows(rows);
+    let groups: BTreeMap<Key, DayDelta> = logdata::group_rows(&rows);
     let skipped = fold::write_groups(client, groups, timezone, tolerant);
-    let (Some(rows), false) = (kept, skipped.is_empty()) else {
+    if skipped.is_empty() {
         return;
-    };
+    }
     for s in &skipped {
         errors::warn_kept_pending(s, "the call was recorded and waits in pending_deltas");
     }
