@@ -7,14 +7,21 @@ use pgrx::PgSqlErrorCode;
 
 use crate::logdata::{pg_days_to_iso, CorruptField};
 
-/// A stored `daily_logs` row whose owned fields an application overwrote with
-/// something the fold cannot add to.
-pub fn corrupt_daily_row(err: &CorruptField, user_id: &pgrx::Uuid, pg_days: i32) -> ! {
+/// The report of a stored `daily_logs` row whose owned fields an application
+/// overwrote with something the fold cannot add to. `kept` says what became of
+/// the calls when they were kept pending instead of failing the statement.
+fn corrupt_row_report(
+    err: &CorruptField,
+    user_id: &pgrx::Uuid,
+    pg_days: i32,
+    kept: Option<&str>,
+) -> ErrorReport {
     let day = pg_days_to_iso(pg_days);
+    let outcome = kept.map_or(String::new(), |k| format!("; {k}"));
     ErrorReport::new(
         PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
         format!(
-            "usage_agg: daily_logs row of user {user_id} on {day} has a corrupted field \"{}\"",
+            "usage_agg: daily_logs row of user {user_id} on {day} has a corrupted field \"{}\"{outcome}",
             err.field
         ),
         "usage_agg::fold",
@@ -22,9 +29,18 @@ pub fn corrupt_daily_row(err: &CorruptField, user_id: &pgrx::Uuid, pg_days: i32)
     .set_detail(format!("{err}."))
     .set_hint(format!(
         "Fields api_call_count, shared_service_usage and last_api_call_at belong to usage_agg. \
-         Repair the row with: SELECT usage_agg.rebuild_daily_logs('{day}', '{day}');"
+         Repair the row with: SELECT usage_agg.rebuild_daily_logs('{day}', '{day}');{}",
+        if kept.is_some() {
+            " usage_agg.fold_status and usage_agg.fold_skipped list the days waiting."
+        } else {
+            ""
+        }
     ))
-    .report(PgLogLevel::ERROR);
+}
+
+/// A corrupted `daily_logs` row (see [`corrupt_row_report`]): the statement fails.
+pub fn corrupt_daily_row(err: &CorruptField, user_id: &pgrx::Uuid, pg_days: i32) -> ! {
+    corrupt_row_report(err, user_id, pg_days, None).report(PgLogLevel::ERROR);
     unreachable!()
 }
 
@@ -96,21 +112,8 @@ pub fn invalid_argument(message: String, detail: String, hint: String) -> ! {
 /// (server log and client) naming user, day and field; `what` says what became
 /// of its calls. Nothing is lost: they wait in pending_deltas.
 pub fn warn_kept_pending(skipped: &crate::fold::Skipped, what: &str) {
-    let day = pg_days_to_iso(skipped.key.1);
-    ErrorReport::new(
-        PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
-        format!(
-            "usage_agg: daily_logs row of user {} on {day} has a corrupted field \"{}\"; {what}",
-            skipped.key.0, skipped.error.field
-        ),
-        "usage_agg::fold",
-    )
-    .set_detail(format!("{}.", skipped.error))
-    .set_hint(format!(
-        "Repair the row with: SELECT usage_agg.rebuild_daily_logs('{day}', '{day}'); \
-         usage_agg.fold_status and usage_agg.fold_skipped list the days waiting."
-    ))
-    .report(PgLogLevel::WARNING);
+    corrupt_row_report(&skipped.error, &skipped.key.0, skipped.key.1, Some(what))
+        .report(PgLogLevel::WARNING);
 }
 
 /// A function that needs the catalog of this library's version, called between
