@@ -11,7 +11,7 @@ UA_PG_CONFIG="${UA_PG_BIN}/pg_config"
 UA_RUN_DIR="${USAGE_AGG_RUN_DIR:-/tmp/usage_agg-$(id -un)}"
 UA_APT_PACKAGES=(postgresql-${UA_PG_MAJOR} postgresql-server-dev-${UA_PG_MAJOR}
                  postgresql-${UA_PG_MAJOR}-cron postgresql-contrib libclang-dev clang
-                 sudo pkg-config build-essential procps)
+                 pgbouncer sudo pkg-config build-essential procps)
 
 ua_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -45,6 +45,13 @@ ua_cluster_start applier "$APPLIER_PORT" "shared_preload_libraries = 'pg_cron,us
 trap 'ua_cluster_stop itest; ua_cluster_stop applier' EXIT
 export USAGE_AGG_APPLIER_PORT="$APPLIER_PORT" USAGE_AGG_APPLIER_CLUSTER=applier \
     USAGE_AGG_APPLIER_LOG="${UA_RUN_DIR}/applier/server.log"
+# pgbouncer in transaction pooling mode in front of each cluster (tests/pooler.rs).
+PGBOUNCER_PORT=$((PORT + 6))
+bash "$UA_ROOT/scripts/pgbouncer.sh" start itest "$PORT" "$PGBOUNCER_PORT"
+bash "$UA_ROOT/scripts/pgbouncer.sh" start applier "$APPLIER_PORT" "$((PGBOUNCER_PORT + 1))"
+trap 'bash "$UA_ROOT/scripts/pgbouncer.sh" stop itest; bash "$UA_ROOT/scripts/pgbouncer.sh" stop applier
+      ua_cluster_stop itest; ua_cluster_stop applier' EXIT
+export USAGE_AGG_PGBOUNCER_PORT="$PGBOUNCER_PORT" USAGE_AGG_APPLIER_PGBOUNCER_PORT="$((PGBOUNCER_PORT + 1))"
 ua_log "integration tests against a live cluster on port ${PORT}"
 export USAGE_AGG_TEST_PORT="$PORT"
 cargo test --test '*' -- --test-threads="${USAGE_AGG_TEST_THREADS:-2}"

@@ -75,6 +75,21 @@ impl TestDb {
     pub fn connect(&self) -> Client {
         Client::connect(&self.dsn(), NoTls).expect("connect to the test database")
     }
+
+    /// A connection to this database through the pgbouncer (transaction
+    /// pooling) in front of its cluster, which scripts/test.sh starts.
+    pub fn connect_pooled(&self) -> Client {
+        let var = if self.port == port() {
+            "USAGE_AGG_PGBOUNCER_PORT"
+        } else {
+            "USAGE_AGG_APPLIER_PGBOUNCER_PORT"
+        };
+        let pooler = std::env::var(var).unwrap_or_else(|_| {
+            panic!("{var} is not set: run the integration tests through scripts/test.sh")
+        });
+        let dsn = format!("host=127.0.0.1 port={pooler} user=postgres dbname={}", self.name);
+        Client::connect(&dsn, NoTls).expect("connect through pgbouncer")
+    }
 }
 
 /// Polls `done` every 50 ms for up to 20 seconds; fails the test naming `what`.
