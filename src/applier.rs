@@ -280,11 +280,13 @@ fn apply_pending_deltas(max_rows: default!(i32, 1000000)) -> i64 {
             "Leave it out to apply up to 1,000,000 rows.".to_string(),
         );
     }
-    Spi::connect_mut(|client| {
-        let config = config::read(client);
-        if !config.current_catalog {
-            errors::old_catalog("apply_pending_deltas");
-        }
-        apply_batch(client, max_rows, &config.timezone).0
+    errors::explaining_environment_errors(errors::Undone::Batch, || {
+        Spi::connect_mut(|client| {
+            let config = config::read(client);
+            if !config.current_catalog {
+                errors::old_catalog("apply_pending_deltas");
+            }
+            apply_batch(client, max_rows, &config.timezone).0
+        })
     })
 }

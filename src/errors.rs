@@ -144,3 +144,134 @@ pub fn no_backtraces_in_details() {
     std::env::remove_var("RUST_BACKTRACE");
     std::env::remove_var("RUST_LIB_BACKTRACE");
 }
+
+/// What an interrupted fold undid, for the explanation added to its error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undone {
+    /// A statement's own fold (corrections; inserts folded immediately).
+    Statement,
+    /// A batch of pending calls (`apply_pending_deltas`, the applier).
+    Batch,
+}
+
+impl Undone {
+    fn detail(self) -> &'static str {
+        match self {
+            Undone::Statement => {
+                "usage_agg folds this statement's calls into usage_agg.daily_logs as part of the \
+                 statement (corrections always; inserts under fold_mode immediate, or auto without \
+                 a background applier). The statement was undone as a whole: none of its calls \
+                 was recorded and every aggregate is as before."
+            }
+            Undone::Batch => {
+                "The batch was rolled back: its calls stay in usage_agg.pending_deltas, where \
+                 every reader counts them, and the next apply folds them."
+            }
+        }
+    }
+
+    fn hint(self) -> &'static str {
+        match self {
+            Undone::Statement => {
+                "Retry the statement. Folding waits for the row locks of the daily rows it adds \
+                 to; with the background applier (usage_agg in shared_preload_libraries, \
+                 fold_mode auto) or fold_mode 'async', inserts never wait for them."
+            }
+            Undone::Batch => {
+                "Applying waits for the row locks of the daily rows it adds to: give \
+                 apply_pending_deltas() a statement_timeout and lock_timeout that allow for that, \
+                 or leave the work to the background applier, which is not bound by either."
+            }
+        }
+    }
+}
+
+/// Errors that come from the environment rather than from the data: timeouts,
+/// a cancel, lock and resource limits, deadlocks. Retrying can succeed.
+pub fn is_environment_error(code: PgSqlErrorCode) -> bool {
+    use PgSqlErrorCode::*;
+    matches!(
+        code,
+        ERRCODE_QUERY_CANCELED
+            | ERRCODE_LOCK_NOT_AVAILABLE
+            | ERRCODE_T_R_DEADLOCK_DETECTED
+            | ERRCODE_T_R_SERIALIZATION_FAILURE
+            | ERRCODE_INSUFFICIENT_RESOURCES
+            | ERRCODE_DISK_FULL
+            | ERRCODE_OUT_OF_MEMORY
+            | ERRCODE_TOO_MANY_CONNECTIONS
+            | ERRCODE_CONFIGURATION_LIMIT_EXCEEDED
+    )
+}
+
+/// The detail of an environment error, followed by what usage_agg undid.
+pub fn explained_detail(original: Option<&str>, undone: Undone) -> String {
+    match original {
+        Some(d) if !d.is_empty() => format!("{d} {}", undone.detail()),
+        _ => undone.detail().to_string(),
+    }
+}
+
+/// Runs `body`; an environment error it raises (see [`is_environment_error`])
+/// is raised again with the same SQLSTATE and message, and a DETAIL and HINT
+/// that say what was undone and what to do. Other errors pass unchanged.
+/// (pgrx drops CONTEXT lines of errors that cross it, so the explanation goes
+/// into the detail.)
+pub fn explaining_environment_errors<R>(undone: Undone, body: impl FnOnce() -> R) -> R {
+    PgTryBuilder::new(std::panic::AssertUnwindSafe(body))
+        .catch_others(move |caught| match caught {
+            pg_sys::panic::CaughtError::PostgresError(report)
+                if is_environment_error(report.sql_error_code()) =>
+            {
+                ErrorReport::new(
+                    report.sql_error_code(),
+                    report.message().to_string(),
+                    "usage_agg",
+                )
+                .set_detail(explained_detail(report.detail(), undone))
+                .set_hint(report.hint().unwrap_or(undone.hint()).to_string())
+                .report(PgLogLevel::ERROR);
+                unreachable!()
+            }
+            other => other.rethrow(),
+        })
+        .execute()
+}
+
+#[cfg(test)]
+mod plain_tests {
+    use super::*;
+
+    #[test]
+    fn environment_errors_are_the_retryable_kinds() {
+        assert!(is_environment_error(PgSqlErrorCode::ERRCODE_QUERY_CANCELED));
+        assert!(is_environment_error(
+            PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE
+        ));
+        assert!(is_environment_error(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED
+        ));
+        assert!(!is_environment_error(
+            PgSqlErrorCode::ERRCODE_DATA_CORRUPTED
+        ));
+        assert!(!is_environment_error(
+            PgSqlErrorCode::ERRCODE_CHECK_VIOLATION
+        ));
+    }
+
+    #[test]
+    fn the_explanation_follows_the_original_detail() {
+        assert_eq!(
+            explained_detail(None, Undone::Batch),
+            Undone::Batch.detail()
+        );
+        assert_eq!(
+            explained_detail(Some(""), Undone::Batch),
+            Undone::Batch.detail()
+        );
+        assert_eq!(
+            explained_detail(Some("Process 12 waits."), Undone::Batch),
+            format!("Process 12 waits. {}", Undone::Batch.detail())
+        );
+    }
+}

@@ -100,55 +100,64 @@ fn fold_key_usage_logs<'a>(
         return Ok(None);
     }
 
-    Spi::connect_mut(|client| {
-        // Make the transition tables visible to SPI queries by name.
-        // SAFETY: the TriggerData of this call, alive until it returns.
-        let rc = unsafe {
-            pg_sys::SPI_register_trigger_data(
-                trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData
-            )
-        };
-        if rc < 0 {
-            errors::internal("registering transition tables", rc);
-        }
-        if row_by_row {
-            // pending_deltas was changed (see `pending`): append through INSERT.
-            pending::APPEND_ROWS_SQL.run(client, &[config.timezone.as_str().into()]);
-            return;
-        }
-
-        let mut rows = Vec::new();
-        if has_old {
-            fold::read_groups_in_sql(client, true, &config.timezone, &mut rows);
-        }
-        if has_new {
-            // SAFETY: tg_newtable and tg_relation belong to this trigger call.
-            let grouped = unsafe {
-                let data = trigger.trigger_data();
-                grouping::group_new_rows(
-                    data.tg_newtable,
-                    (*data.tg_relation).rd_att,
-                    &config.timezone,
-                )
+    let work = || {
+        Spi::connect_mut(|client| {
+            // Make the transition tables visible to SPI queries by name.
+            // SAFETY: the TriggerData of this call, alive until it returns.
+            let rc = unsafe {
+                pg_sys::SPI_register_trigger_data(trigger.trigger_data()
+                    as *const pg_sys::TriggerData
+                    as *mut pg_sys::TriggerData)
             };
-            match grouped {
-                Some(groups) => rows.extend(groups),
-                None => fold::read_groups_in_sql(client, false, &config.timezone, &mut rows),
+            if rc < 0 {
+                errors::internal("registering transition tables", rc);
             }
-        }
-        if rows.is_empty() {
-            return;
-        }
-        match path {
-            Path::Pending => pending::append_groups(client, &rows, &FxHashMap::default()),
-            Path::Fold | Path::FoldTolerant => {
-                if has_old && config.has_pending_table {
-                    fold::absorb_pending(client, &mut rows);
+            if row_by_row {
+                // pending_deltas was changed (see `pending`): append through INSERT.
+                pending::APPEND_ROWS_SQL.run(client, &[config.timezone.as_str().into()]);
+                return;
+            }
+
+            let mut rows = Vec::new();
+            if has_old {
+                fold::read_groups_in_sql(client, true, &config.timezone, &mut rows);
+            }
+            if has_new {
+                // SAFETY: tg_newtable and tg_relation belong to this trigger call.
+                let grouped = unsafe {
+                    let data = trigger.trigger_data();
+                    grouping::group_new_rows(
+                        data.tg_newtable,
+                        (*data.tg_relation).rd_att,
+                        &config.timezone,
+                    )
+                };
+                match grouped {
+                    Some(groups) => rows.extend(groups),
+                    None => fold::read_groups_in_sql(client, false, &config.timezone, &mut rows),
                 }
-                fold_now(client, rows, &config.timezone, path == Path::FoldTolerant);
             }
-        }
-    });
+            if rows.is_empty() {
+                return;
+            }
+            match path {
+                Path::Pending => pending::append_groups(client, &rows, &FxHashMap::default()),
+                Path::Fold | Path::FoldTolerant => {
+                    if has_old && config.has_pending_table {
+                        fold::absorb_pending(client, &mut rows);
+                    }
+                    fold_now(client, rows, &config.timezone, path == Path::FoldTolerant);
+                }
+            }
+        })
+    };
+    if path == Path::Pending {
+        work();
+    } else {
+        // A timeout or a lock wait that gives up while folding undoes the
+        // whole statement: its error says so.
+        errors::explaining_environment_errors(errors::Undone::Statement, work);
+    }
     Ok(None)
 }
 

@@ -542,10 +542,22 @@ pub extern "C-unwind" fn usage_agg_applier_main(arg: pg_sys::Datum) {
     // never committed, so its pending rows are still there and fold again
     // (each batch deletes its pending rows and writes their sums in one
     // transaction). Waiting would add an fsync per batch to the inserts'.
-    for (name, value) in [
+    // Timeouts and limits an administrator set for the database or the role
+    // (ALTER DATABASE/ROLE ... SET) are meant for applications: under them a
+    // batch would fail and be retried forever. Batches are bounded
+    // (BATCH_ROWS) and short; a lock wait ends when the lock holder does.
+    let pinned: &[(&std::ffi::CStr, &std::ffi::CStr)] = &[
         (c"search_path", c"pg_catalog, pg_temp"),
         (c"synchronous_commit", c"off"),
-    ] {
+        (c"statement_timeout", c"0"),
+        (c"lock_timeout", c"0"),
+        (c"idle_in_transaction_session_timeout", c"0"),
+        (c"temp_file_limit", c"-1"),
+        (c"default_transaction_isolation", c"read committed"),
+        #[cfg(any(feature = "pg17", feature = "pg18"))]
+        (c"transaction_timeout", c"0"),
+    ];
+    for &(name, value) in pinned {
         // SAFETY: sets a GUC of this session from constant strings.
         unsafe {
             pg_sys::SetConfigOption(
@@ -621,7 +633,7 @@ pub extern "C-unwind" fn usage_agg_applier_main(arg: pg_sys::Datum) {
                     .saturating_mul(1 << failures.min(7))
                     .min(MAX_BACKOFF);
                 warning!(
-                    "usage_agg applier: applying pending calls failed: {message}; retrying in {} ms",
+                    "usage_agg applier: applying pending calls failed: {message}; the batch was rolled back and its calls stay pending; retrying in {} ms",
                     pause.as_millis()
                 );
                 pause

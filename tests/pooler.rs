@@ -253,7 +253,10 @@ fn pooled_clients_fold_exactly(setup: Setup) {
         committed
     );
     assert_eq!(group_by_mismatches(&mut c), 0);
-    assert_eq!(verify(&mut c, "2026-07-01", "2026-07-01"), Vec::<String>::new());
+    assert_eq!(
+        verify(&mut c, "2026-07-01", "2026-07-01"),
+        Vec::<String>::new()
+    );
     // The shared user's day, against what the clients committed.
     assert_eq!(
         scalar_text(
@@ -266,7 +269,10 @@ fn pooled_clients_fold_exactly(setup: Setup) {
         Some(format!("{} {}.{:02}", shared.0, shared.1 / 100, shared.1 % 100))
     );
     assert_eq!(
-        scalar_i64(&mut c, "SELECT sum((log_data->>'api_call_count')::int8)::int8 FROM usage_agg.daily_logs"),
+        scalar_i64(
+            &mut c,
+            "SELECT sum((log_data->>'api_call_count')::int8)::int8 FROM usage_agg.daily_logs"
+        ),
         committed
     );
 }

@@ -87,7 +87,10 @@ impl TestDb {
         let pooler = std::env::var(var).unwrap_or_else(|_| {
             panic!("{var} is not set: run the integration tests through scripts/test.sh")
         });
-        let dsn = format!("host=127.0.0.1 port={pooler} user=postgres dbname={}", self.name);
+        let dsn = format!(
+            "host=127.0.0.1 port={pooler} user=postgres dbname={}",
+            self.name
+        );
         Client::connect(&dsn, NoTls).expect("connect through pgbouncer")
     }
 }
