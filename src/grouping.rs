@@ -67,7 +67,7 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
     // (name, accepted types, the type to name in the error)
     let find = |name: &str, types: &[pg_sys::Oid], expected: &str| -> i32 {
         for i in 0..natts {
-            let att = (*tupdesc).attrs.as_ptr().add(i as usize);
+            let att = crate::compat::attribute(&*tupdesc, i as usize);
             if !(*att).attisdropped {
                 let att_name = std::ffi::CStr::from_ptr((*att).attname.data.as_ptr());
                 if att_name.to_bytes() == name.as_bytes() {

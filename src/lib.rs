@@ -20,6 +20,7 @@
 use pgrx::prelude::*;
 
 mod applier;
+mod compat;
 mod config;
 mod decimal;
 mod errors;

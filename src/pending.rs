@@ -67,7 +67,7 @@ pub unsafe fn append_rows(data: &pg_sys::TriggerData, timezone: &str) -> bool {
     };
 
     let mut days = grouping::BusinessDays::new(timezone);
-    let zero_cost = pg_sys::Datum::from(pg_sys::int64_to_numeric(0));
+    let zero_cost = crate::compat::zero_numeric();
     let descriptor = (*relation).rd_att;
     // appended_at: now(), the start of this transaction, as the column default.
     let appended_at = pg_sys::Datum::from(pg_sys::GetCurrentTransactionStartTimestamp());
@@ -130,14 +130,13 @@ unsafe fn insert_index_entry(
         key_values[i] = values[column];
         key_nulls[i] = nulls[column];
     }
-    pg_sys::index_insert(
+    crate::compat::index_insert_new_row(
         index.relation,
         key_values.as_mut_ptr(),
         key_nulls.as_mut_ptr(),
         &mut (*tuple).t_self,
         relation,
         pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO,
-        false,
         index.info,
     );
 }
@@ -222,7 +221,7 @@ unsafe fn columns_as_created(descriptor: pg_sys::TupleDesc) -> bool {
         .iter()
         .enumerate()
         .all(|(i, &(type_oid, nullable))| {
-            let att = &*d.attrs.as_ptr().add(i);
+            let att = crate::compat::attribute(d, i);
             !att.attisdropped
                 && att.atttypid == type_oid
                 && att.attgenerated == 0

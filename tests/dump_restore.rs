@@ -13,8 +13,6 @@ use std::process::Command;
 use common::*;
 use postgres::Client;
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
 /// Every table's data, as readers see it (pending calls applied first);
 /// maintenance runs up to `until` (the runs of the restored database are its own).
 fn fingerprint(c: &mut Client, until: &str) -> Vec<String> {
@@ -47,7 +45,7 @@ fn fingerprint(c: &mut Client, until: &str) -> Vec<String> {
 
 /// A PostgreSQL client program connected to the test cluster as postgres.
 fn pg_tool(program: &str) -> Command {
-    let mut cmd = Command::new(format!("{PG_BIN}/{program}"));
+    let mut cmd = Command::new(format!("{}/{program}", pg_bin()));
     cmd.args(["-h", "127.0.0.1", "-p", &port(), "-U", "postgres"]);
     cmd
 }

@@ -110,7 +110,19 @@ fn catalog(c: &mut Client) -> Vec<String> {
     lines
 }
 
-fn old_database(release: &str, version: &str) -> Client {
+/// The database an earlier release wrote, or None (printed) when that release
+/// was not built for this server's PostgreSQL version (scripts/lib.sh,
+/// UA_RELEASE_PG_VERSIONS).
+fn old_database(release: &str, version: &str) -> Option<Client> {
+    let tag = format!("v{version}");
+    let written = std::env::var("USAGE_AGG_UPGRADE_RELEASES").unwrap_or_default();
+    if !written.split_whitespace().any(|r| r == tag) {
+        println!(
+            "skipped: usage_agg {version} was not built for PostgreSQL {}, so there is nothing to update from on it",
+            std::env::var("USAGE_AGG_PG_MAJOR").unwrap_or_else(|_| "?".into())
+        );
+        return None;
+    }
     let dsn = format!(
         "host=127.0.0.1 port={} user=postgres dbname=usage_agg_upgrade_{release}",
         std::env::var("USAGE_AGG_UPGRADE_PORT")
@@ -124,7 +136,7 @@ fn old_database(release: &str, version: &str) -> Client {
         ),
         Some(version.to_string())
     );
-    old
+    Some(old)
 }
 
 /// This connection runs the new library against the old catalog (the window
@@ -224,7 +236,9 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
 
 #[test]
 fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
-    let mut old = old_database("v0_1_0", "0.1.0");
+    let Some(mut old) = old_database("v0_1_0", "0.1.0") else {
+        return;
+    };
     write_with_the_new_library(&mut old, "f0000000-0000-0000-0000-000000000002");
     update_and_compare(
         &mut old,
@@ -236,7 +250,9 @@ fn update_from_0_1_0_keeps_data_and_equals_a_fresh_install() {
 
 #[test]
 fn update_from_0_2_0_keeps_data_and_pending_calls() {
-    let mut old = old_database("v0_2_0", "0.2.0");
+    let Some(mut old) = old_database("v0_2_0", "0.2.0") else {
+        return;
+    };
     // 0.2.0 left five calls pending in deferred mode.
     assert_eq!(pending(&mut old), 5);
     assert_eq!(

@@ -9,6 +9,11 @@ pub fn port() -> String {
         .expect("USAGE_AGG_TEST_PORT is not set: run the integration tests through scripts/test.sh")
 }
 
+/// The bin/ directory of the server version under test (pg_dump, psql, ...).
+pub fn pg_bin() -> String {
+    std::env::var("USAGE_AGG_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".to_string())
+}
+
 pub fn dsn_for(db: &str) -> String {
     format!("host=127.0.0.1 port={} user=postgres dbname={db}", port())
 }
