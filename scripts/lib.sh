@@ -146,11 +146,14 @@ ua_install_extension() {
 # Released versions and the commits their tags point to, for the upgrade test.
 # The commit is the fallback when a clone came without tags.
 declare -A UA_RELEASE_COMMITS=([v0.1.0]=6387a568072334c02ecc4ca234e2d84e6a092dbb
-                               [v0.2.0]=a947c87ce0184753bb680ba10501962a82ba16c8)
+                               [v0.2.0]=a947c87ce0184753bb680ba10501962a82ba16c8
+                               [v0.3.0]=@V030@)
 # The PostgreSQL versions each release was built for: the upgrade test starts
 # from the releases this server's version had.
-declare -A UA_RELEASE_PG_VERSIONS=([v0.1.0]="15" [v0.2.0]="15")
-UA_RELEASES=(v0.1.0 v0.2.0)
+declare -A UA_RELEASE_PG_VERSIONS=([v0.1.0]="15" [v0.2.0]="15" [v0.3.0]="15 16 18")
+UA_RELEASES=(v0.1.0 v0.2.0 v0.3.0)
+# This build's version: a release of the same version has nothing to update to.
+UA_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "$UA_ROOT/Cargo.toml" | head -1)"
 
 # Builds and installs an earlier release from its git tag (for the upgrade test).
 # A target directory of its own: artifacts of two versions of the crate must not mix.

@@ -33,6 +33,10 @@ trap 'ua_cluster_stop itest' EXIT
 # Only releases built for this PostgreSQL version (UA_RELEASE_PG_VERSIONS).
 upgrade_releases=()
 for release in "${UA_RELEASES[@]}"; do
+    if [ "$release" = "v${UA_VERSION}" ]; then
+        ua_log "skipped: the upgrade test from $release (this build is $UA_VERSION: nothing to update to yet)"
+        continue
+    fi
     case " ${UA_RELEASE_PG_VERSIONS[$release]} " in
         *" ${UA_PG_MAJOR} "*) upgrade_releases+=("$release") ;;
         *) continue ;;
@@ -44,7 +48,7 @@ for release in "${UA_RELEASES[@]}"; do
 done
 export USAGE_AGG_UPGRADE_PORT="$PORT" USAGE_AGG_UPGRADE_RELEASES="${upgrade_releases[*]}"
 if [ "${#upgrade_releases[@]}" -eq 0 ]; then
-    ua_log "skipped: tests/upgrade.rs has no release to update from on PostgreSQL ${UA_PG_MAJOR} (${UA_RELEASES[*]} were built for PostgreSQL 15 only)"
+    ua_log "skipped: tests/upgrade.rs has no earlier release to update from on PostgreSQL ${UA_PG_MAJOR} (0.1.0 and 0.2.0 were built for PostgreSQL 15 only; 0.3.0 is this build)"
 fi
 
 ua_install_extension

@@ -267,3 +267,22 @@ fn update_from_0_2_0_keeps_data_and_pending_calls() {
         "upgrade_fresh_020",
     );
 }
+
+/// Runs once a release after 0.3.0 exists (scripts/test-version.sh updates
+/// only from releases older than this build); 0.3.0 is the first release built
+/// for PostgreSQL 16 and 18.
+#[test]
+fn update_from_0_3_0_keeps_data_and_pending_calls() {
+    let Some(mut old) = old_database("v0_3_0", "0.3.0") else {
+        return;
+    };
+    // 0.3.0 left five calls pending in async mode.
+    assert_eq!(pending(&mut old), 5);
+    write_with_the_new_library(&mut old, "f4000000-0000-0000-0000-000000000002");
+    update_and_compare(
+        &mut old,
+        "f4000000-0000-0000-0000-000000000001",
+        "async",
+        "upgrade_fresh_030",
+    );
+}
