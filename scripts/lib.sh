@@ -147,7 +147,7 @@ ua_install_extension() {
 # The commit is the fallback when a clone came without tags.
 declare -A UA_RELEASE_COMMITS=([v0.1.0]=6387a568072334c02ecc4ca234e2d84e6a092dbb
                                [v0.2.0]=a947c87ce0184753bb680ba10501962a82ba16c8
-                               [v0.3.0]=@V030@)
+                               [v0.3.0]=529fc32d43c525899579427f464d1fe4f81d43c5)
 # The PostgreSQL versions each release was built for: the upgrade test starts
 # from the releases this server's version had.
 declare -A UA_RELEASE_PG_VERSIONS=([v0.1.0]="15" [v0.2.0]="15" [v0.3.0]="15 16 18")
