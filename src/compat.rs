@@ -1,6 +1,15 @@
 //! What differs between the PostgreSQL versions usage_agg builds for.
 
+use std::ffi::CStr;
+
 use pgrx::pg_sys;
+
+/// Timeouts of newer versions that the background applier turns off for its
+/// session, like statement_timeout (see `worker`).
+#[cfg(any(feature = "pg17", feature = "pg18"))]
+pub const NEWER_TIMEOUTS_OFF: &[(&CStr, &CStr)] = &[(c"transaction_timeout", c"0")];
+#[cfg(not(any(feature = "pg17", feature = "pg18")))]
+pub const NEWER_TIMEOUTS_OFF: &[(&CStr, &CStr)] = &[];
 
 /// The `i`th (0-based) attribute of a tuple descriptor, as PostgreSQL's
 /// `TupleDescAttr` reads it: up to 17 the descriptor ends in the attribute

@@ -554,10 +554,8 @@ pub extern "C-unwind" fn usage_agg_applier_main(arg: pg_sys::Datum) {
         (c"idle_in_transaction_session_timeout", c"0"),
         (c"temp_file_limit", c"-1"),
         (c"default_transaction_isolation", c"read committed"),
-        #[cfg(any(feature = "pg17", feature = "pg18"))]
-        (c"transaction_timeout", c"0"),
     ];
-    for &(name, value) in pinned {
+    for &(name, value) in pinned.iter().chain(crate::compat::NEWER_TIMEOUTS_OFF) {
         // SAFETY: sets a GUC of this session from constant strings.
         unsafe {
             pg_sys::SetConfigOption(
