@@ -6,8 +6,9 @@
 #
 # Contenders (one database each, same table and indexes):
 #   bare      key_usage_logs with no aggregation (the physical limit)
-#   usage_agg usage_agg, config.fold_mode = 'immediate' (the default)
-#   deferred  usage_agg, config.fold_mode = 'deferred'
+#   usage_agg usage_agg, config.fold_mode = 'immediate' (the 0.2.0 default; the
+#             0.3.0 default, the asynchronous fold, is measured by bench/fold.sh)
+#   deferred  usage_agg, config.fold_mode = 'async' (called 'deferred' before 0.3.0)
 #   plpgsql   a hand-written row-level PL/pgSQL trigger, same JSONB layout (plpgsql_trigger.sql)
 #   empty_trigger  bare plus a statement trigger with a transition table that does
 #             nothing (empty_trigger.sql): the floor of any trigger-based fold
