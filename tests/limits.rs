@@ -213,8 +213,10 @@ fn the_applier_is_not_bound_by_the_timeouts_of_its_database() {
     );
 
     let mut c = db.connect();
-    c.batch_execute("SET statement_timeout = 0; SET lock_timeout = 0")
-        .unwrap();
+    c.batch_execute(
+        "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+    )
+    .unwrap();
     insert_calls(&mut c, 1);
     wait_until_folded(&mut c);
     // 20,000 calls, each a statement of its own, so each is a pending row.
@@ -230,11 +232,16 @@ fn the_applier_is_not_bound_by_the_timeouts_of_its_database() {
 
     // A transaction holding the daily row: the applier waits for it (past its
     // database's lock_timeout) and folds once it ends.
+    // (Its session lifts the database's timeouts first, in a query of its own.)
     let mut locker = db.connect();
     locker
+        .batch_execute(
+            "SET statement_timeout = 0; SET lock_timeout = 0; SET idle_in_transaction_session_timeout = 0",
+        )
+        .unwrap();
+    locker
         .batch_execute(&format!(
-            "SET idle_in_transaction_session_timeout = 0;
-             BEGIN; SELECT 1 FROM usage_agg.daily_logs WHERE user_id = '{USER}' AND date = '2026-07-01' FOR UPDATE"
+            "BEGIN; SELECT 1 FROM usage_agg.daily_logs WHERE user_id = '{USER}' AND date = '2026-07-01' FOR UPDATE"
         ))
         .unwrap();
     insert_calls(&mut c, 4);
