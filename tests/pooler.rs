@@ -321,21 +321,6 @@ fn hammer_pooled(c: &mut Client, protocol: Protocol, user: &str, max_calls: usiz
     granted
 }
 
-/// monthly_used, the sum of the unrefunded granted amounts, their number.
-fn quota_three_way(c: &mut Client, user: &str) -> (i64, i64, i64) {
-    let r = c
-        .query_one(
-            "SELECT (SELECT monthly_used::int8 FROM usage_agg.quotas WHERE user_id = $1::text::uuid),
-                    (SELECT coalesce(sum(amount), 0)::int8 FROM usage_agg.quota_usage_logs
-                      WHERE user_id = $1::text::uuid AND refunded_at IS NULL),
-                    (SELECT count(*) FROM usage_agg.quota_usage_logs
-                      WHERE user_id = $1::text::uuid AND refunded_at IS NULL)",
-            &[&user],
-        )
-        .unwrap();
-    (r.get(0), r.get(1), r.get(2))
-}
-
 #[test]
 fn sixty_four_pooled_clients_grant_exactly_the_quota() {
     let db = TestDb::new("pooled_quota_64");
@@ -355,7 +340,7 @@ fn sixty_four_pooled_clients_grant_exactly_the_quota() {
     let mut c = db.connect();
     // The default plan's monthly quota is 100.
     assert_eq!(granted, 100);
-    assert_eq!(quota_three_way(&mut c, user), (100, 100, 100));
+    assert_eq!(three_way(&mut c, user, "-infinity"), (100, 100, 100));
 }
 
 #[test]
@@ -428,5 +413,5 @@ fn pooled_request_ids_and_refunds_count_exactly_once() {
     assert_eq!(refunded, 30);
     // 4 clients x 10 calls, all within the quota (7 + 30 - 30 + 40 <= 100).
     assert_eq!(granted, 40);
-    assert_eq!(quota_three_way(&mut db.connect(), user), (47, 47, 41));
+    assert_eq!(three_way(&mut db.connect(), user, "-infinity"), (47, 47, 41));
 }

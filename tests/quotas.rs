@@ -9,22 +9,6 @@ use std::thread;
 use common::*;
 use postgres::Client;
 
-/// monthly_used, the sum of granted (unrefunded) amounts since `since`, and the
-/// number of those log rows.
-fn three_way(c: &mut Client, user: &str, since: &str) -> (i64, i64, i64) {
-    let row = c
-        .query_one(
-            "SELECT (SELECT monthly_used::int8 FROM usage_agg.quotas WHERE user_id = $1::text::uuid),
-                    (SELECT coalesce(sum(amount), 0)::int8 FROM usage_agg.quota_usage_logs
-                      WHERE user_id = $1::text::uuid AND refunded_at IS NULL AND created_at > $2::text::timestamptz),
-                    (SELECT count(*) FROM usage_agg.quota_usage_logs
-                      WHERE user_id = $1::text::uuid AND refunded_at IS NULL AND created_at > $2::text::timestamptz)",
-            &[&user, &since],
-        )
-        .unwrap();
-    (row.get(0), row.get(1), row.get(2))
-}
-
 /// Calls consume_quota until it raises QUOTA_EXCEEDED (or `max_calls` calls);
 /// returns the units granted. Any error other than UAQ01 fails the test.
 fn hammer(c: &mut Client, user: &str, max_calls: usize) -> i64 {
