@@ -295,30 +295,19 @@ fn pooled_clients_fold_exactly_with_the_background_applier() {
 /// Consumes one unit until refused with UAQ01 (or `max_calls` calls); returns
 /// the units granted. Any other error fails the test.
 fn hammer_pooled(c: &mut Client, protocol: Protocol, user: &str, max_calls: usize) -> i64 {
-    let mut granted = 0;
-    for _ in 0..max_calls {
-        let result = match protocol {
-            Protocol::Simple => c
-                .simple_query(&format!(
-                    "SELECT monthly_used FROM usage_agg.consume_quota('{user}')"
-                ))
-                .map(|_| ()),
-            Protocol::Unnamed => c
-                .query_typed(
-                    "SELECT monthly_used FROM usage_agg.consume_quota($1::uuid)",
-                    &[(&user, Type::TEXT)],
-                )
-                .map(|_| ()),
-        };
-        match result {
-            Ok(()) => granted += 1,
-            Err(e) => {
-                let code = e.as_db_error().map(|d| d.code().code().to_string());
-                assert_eq!(code.as_deref(), Some("UAQ01"), "unexpected error: {e}");
-            }
-        }
-    }
-    granted
+    count_granted(max_calls, || match protocol {
+        Protocol::Simple => c
+            .simple_query(&format!(
+                "SELECT monthly_used FROM usage_agg.consume_quota('{user}')"
+            ))
+            .map(|_| ()),
+        Protocol::Unnamed => c
+            .query_typed(
+                "SELECT monthly_used FROM usage_agg.consume_quota($1::uuid)",
+                &[(&user, Type::TEXT)],
+            )
+            .map(|_| ()),
+    })
 }
 
 #[test]
@@ -413,5 +402,8 @@ fn pooled_request_ids_and_refunds_count_exactly_once() {
     assert_eq!(refunded, 30);
     // 4 clients x 10 calls, all within the quota (7 + 30 - 30 + 40 <= 100).
     assert_eq!(granted, 40);
-    assert_eq!(three_way(&mut db.connect(), user, "-infinity"), (47, 47, 41));
+    assert_eq!(
+        three_way(&mut db.connect(), user, "-infinity"),
+        (47, 47, 41)
+    );
 }

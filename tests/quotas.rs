@@ -12,20 +12,13 @@ use postgres::Client;
 /// Calls consume_quota until it raises QUOTA_EXCEEDED (or `max_calls` calls);
 /// returns the units granted. Any error other than UAQ01 fails the test.
 fn hammer(c: &mut Client, user: &str, max_calls: usize) -> i64 {
-    let mut granted = 0;
-    for _ in 0..max_calls {
-        match c.query_one(
+    count_granted(max_calls, || {
+        c.query_one(
             "SELECT monthly_used FROM usage_agg.consume_quota($1::text::uuid)",
             &[&user],
-        ) {
-            Ok(_) => granted += 1,
-            Err(e) => {
-                let code = e.as_db_error().map(|d| d.code().code().to_string());
-                assert_eq!(code.as_deref(), Some("UAQ01"), "unexpected error: {e}");
-            }
-        }
-    }
-    granted
+        )
+        .map(|_| ())
+    })
 }
 
 #[test]

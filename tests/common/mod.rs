@@ -251,3 +251,23 @@ pub fn three_way(c: &mut Client, user: &str, since: &str) -> (i64, i64, i64) {
         .unwrap();
     (row.get(0), row.get(1), row.get(2))
 }
+
+/// Calls `consume` (one consume_quota call) up to `max_calls` times and returns
+/// how many were granted. A refusal must be QUOTA_EXCEEDED (UAQ01): any other
+/// error fails the test.
+pub fn count_granted(
+    max_calls: usize,
+    mut consume: impl FnMut() -> Result<(), postgres::Error>,
+) -> i64 {
+    let mut granted = 0;
+    for _ in 0..max_calls {
+        match consume() {
+            Ok(()) => granted += 1,
+            Err(e) => {
+                let code = e.as_db_error().map(|d| d.code().code().to_string());
+                assert_eq!(code.as_deref(), Some("UAQ01"), "unexpected error: {e}");
+            }
+        }
+    }
+    granted
+}
