@@ -15,8 +15,7 @@ case "$1" in
         done
         ;;
     start)
-        ua_as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE ${UA_SERVER_ENV:-} \
-            "${UA_PG_BIN}/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+        ua_pg_ctl_start "$dir"
         ;;
     *) echo "usage: $0 kill|start NAME" >&2; exit 2 ;;
 esac

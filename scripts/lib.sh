@@ -30,9 +30,12 @@ ua_pg_home() {
 }
 UA_PG_BIN="$(ua_pg_home "$UA_PG_MAJOR")/bin"
 UA_PG_CONFIG="${UA_PG_BIN}/pg_config"
-# Builds for other versions than 15 get a target directory of their own: the
-# pgrx bindings of two versions must not replace each other at every switch.
-if [ "$UA_PG_MAJOR" = 15 ]; then
+# Builds and test data for other versions than 15 get directories of their own
+# (named with this suffix): the pgrx bindings of two versions must not replace
+# each other at every switch.
+UA_PG_SUFFIX=""
+[ "$UA_PG_MAJOR" = 15 ] || UA_PG_SUFFIX="-pg${UA_PG_MAJOR}"
+if [ -z "$UA_PG_SUFFIX" ]; then
     UA_TARGET_DIR="${CARGO_TARGET_DIR:-$UA_ROOT/target}"
 else
     UA_TARGET_DIR="$UA_ROOT/target/pg${UA_PG_MAJOR}"
@@ -41,7 +44,7 @@ UA_APT_PACKAGES=(postgresql-15 postgresql-server-dev-15
                  postgresql-15-cron postgresql-contrib libclang-dev clang
                  pgbouncer sudo pkg-config build-essential procps)
 # For the wheels (16, 18): pip to fetch them, unzip to unpack them.
-[ "$UA_PG_MAJOR" = 15 ] || UA_APT_PACKAGES+=(python3-pip unzip)
+[ -z "$UA_PG_SUFFIX" ] || UA_APT_PACKAGES+=(python3-pip unzip)
 
 ua_log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -130,7 +133,7 @@ ua_install_cargo_pgrx() {
 
 ua_setup() {
     ua_install_packages
-    [ "$UA_PG_MAJOR" = 15 ] || ua_install_wheel_postgres "$UA_PG_MAJOR"
+    [ -z "$UA_PG_SUFFIX" ] || ua_install_wheel_postgres "$UA_PG_MAJOR"
     ua_install_cargo_pgrx
 }
 
@@ -175,9 +178,7 @@ ua_install_tag() {
     git -C "$UA_ROOT" archive "$rev" | tar -x -C "$dir"
     local sudo_flag=()
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
-    local target="$UA_ROOT/target/release-$tag"
-    [ "$UA_PG_MAJOR" = 15 ] || target="$target-pg${UA_PG_MAJOR}"
-    (cd "$dir" && CARGO_TARGET_DIR="$target" \
+    (cd "$dir" && CARGO_TARGET_DIR="$UA_ROOT/target/release-$tag$UA_PG_SUFFIX" \
         cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
 }
 
@@ -205,12 +206,17 @@ ua_cluster_start() {
         echo "log_min_messages = warning"
         for line in "$@"; do echo "$line"; done
     } | ua_as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
-    # The server's environment is ours less RUST_BACKTRACE/RUST_LIB_BACKTRACE,
-    # plus $UA_SERVER_ENV (VAR=value ...; the applier cluster sets them, to show
-    # that errors carry no backtraces whatever the environment).
-    ua_as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE ${UA_SERVER_ENV:-} \
-        "${UA_PG_BIN}/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+    ua_pg_ctl_start "$dir"
     ua_psql "$port" postgres -c "CREATE DATABASE usage_agg_test" >/dev/null
+}
+
+# ua_pg_ctl_start DIR: starts the server of DIR/data, logging to DIR/server.log.
+# Its environment is ours less RUST_BACKTRACE/RUST_LIB_BACKTRACE, plus
+# $UA_SERVER_ENV (VAR=value ...; the applier cluster sets them, to show that
+# errors carry no backtraces whatever the environment).
+ua_pg_ctl_start() {
+    ua_as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE ${UA_SERVER_ENV:-} \
+        "${UA_PG_BIN}/pg_ctl" -D "$1/data" -l "$1/server.log" -w start >/dev/null
 }
 
 ua_cluster_stop() {

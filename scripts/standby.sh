@@ -17,8 +17,7 @@ case "$1" in
             echo "unix_socket_directories = '$dir'"
             echo "hot_standby = on"
         } | ua_as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
-        ua_as_pg env -u RUST_BACKTRACE -u RUST_LIB_BACKTRACE \
-            "${UA_PG_BIN}/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w start >/dev/null
+        ua_pg_ctl_start "$dir"
         ;;
     stop) ua_cluster_stop standby || true ;;
     *) echo "usage: $0 start PRIMARY_PORT STANDBY_PORT | stop" >&2; exit 2 ;;

@@ -9,8 +9,7 @@ cd "$UA_ROOT"
 ua_log "PostgreSQL ${UA_PG_MAJOR}: unit tests and #[pg_test]s"
 mkdir -p "${UA_RUN_DIR}"
 chmod 755 "${UA_RUN_DIR}"
-pgrx_data="${UA_RUN_DIR}/pgrx-test"
-[ "$UA_PG_MAJOR" = 15 ] || pgrx_data="${pgrx_data}-pg${UA_PG_MAJOR}"
+pgrx_data="${UA_RUN_DIR}/pgrx-test${UA_PG_SUFFIX}"
 if [ ! -f "$("$UA_PG_CONFIG" --sharedir)/extension/amcheck.control" ]; then
     ua_log "skipped: amcheck's index check in tests::pg_deferred_append_matches_the_sql_append (contrib's amcheck is not installed in PostgreSQL ${UA_PG_MAJOR} here)"
 fi
