@@ -172,13 +172,16 @@ ua_install_tag() {
                 || { echo "the upgrade test needs $tag (commit $commit): run git fetch --tags" >&2; exit 1; }
         fi
     fi
-    ua_log "building and installing usage_agg $tag (release) for the upgrade test"
+    ua_log "building and installing usage_agg $tag (release, quick profile) for the upgrade test"
     rm -rf "$dir"
     mkdir -p "$dir"
     git -C "$UA_ROOT" archive "$rev" | tar -x -C "$dir"
     local sudo_flag=()
     [ "$(id -u)" -eq 0 ] || sudo_flag=(--sudo)
+    # An old release only writes the upgrade test's data: built without its
+    # fat LTO and single codegen unit, which take most of a release build's time.
     (cd "$dir" && CARGO_TARGET_DIR="$UA_ROOT/target/release-$tag$UA_PG_SUFFIX" \
+        CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
         cargo pgrx install --release --pg-config "${UA_PG_CONFIG}" "${sudo_flag[@]}")
 }
 
