@@ -124,6 +124,9 @@ BEGIN
          ON CONFLICT (user_id, date) DO NOTHING', daily)
     USING v_first;
     GET DIAGNOSTICS v_copied_days = ROW_COUNT;
+    -- Their per-key and service days (the days with detail got theirs from the
+    -- fold of the copied detail).
+    PERFORM usage_agg._key_days_from_users(COALESCE(v_first, 'infinity'::date));
 
     -- Days before the first day of the old detail have none any more: like days
     -- the retention cleanup expired, verify_daily_logs skips them and

@@ -8,12 +8,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM usage_agg._check_user(p_user_id);
-    IF p_at IS NULL OR NOT isfinite(p_at) THEN
-        RAISE EXCEPTION 'usage_agg: at must be a finite timestamp'
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = format('at = %s', COALESCE(p_at::text, 'NULL')),
-                  HINT = 'Leave it out for now().';
-    END IF;
+    PERFORM usage_agg._check_at(p_at);
 END;
 $$;
 

@@ -239,6 +239,9 @@ BEGIN
         RAISE NOTICE 'usage_agg.cleanup_old_daily_logs: % rows rolled up and deleted, % left, % elapsed',
             v_removed, v_left, clock_timestamp() - v_started;
     END LOOP;
+    -- Per-key and service days (a row per key or service and day: no batches;
+    -- not counted, the result is daily_logs rows as before 0.4.0).
+    PERFORM usage_agg._cleanup_key_days(v_begin.target);
     RETURN v_removed;
 END;
 $$;
@@ -295,6 +298,7 @@ BEGIN
         RAISE NOTICE 'usage_agg.expire_daily_logs: % rows rolled up and deleted, % elapsed',
             removed, pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) v_started;
     END LOOP;
+    PERFORM usage_agg._cleanup_key_days(v_target);
 END;
 $$;
 COMMENT ON PROCEDURE usage_agg.expire_daily_logs(interval, bigint) IS
@@ -330,6 +334,7 @@ DECLARE
     v_from date;
     v_days text;
     v_first text;
+    v_keys bigint;
 BEGIN
     SELECT * INTO v_cfg FROM usage_agg.config;
     drifted := 0;
@@ -343,11 +348,26 @@ BEGIN
                || ' in the aggregate, ' || COALESCE(v.detail_value::text, 'NULL') || ' in the detail')
       INTO drifted, v_days, v_first
       FROM usage_agg.verify_daily_logs(v_from, v_today) v;
+    IF drifted > 0 THEN
+        problem := format('drift: %s field(s) of daily_logs disagree with the detail on %s (for example %s)',
+                          drifted, v_days, v_first);
+    END IF;
+    -- The per-key and service days too.
+    SELECT count(*), string_agg(DISTINCT v.date::text, ', '),
+           min(COALESCE(v.shared_key_id::text, 'service') || ' ' || v.date || ' ' || v.field || ': '
+               || COALESCE(v.aggregate_value::text, 'NULL') || ' in the aggregate, '
+               || COALESCE(v.detail_value::text, 'NULL') || ' in the detail')
+      INTO v_keys, v_days, v_first
+      FROM usage_agg.verify_key_daily_logs(v_from, v_today) v;
+    IF v_keys > 0 THEN
+        problem := concat_ws('; ', problem,
+                             format('drift: %s field(s) of the per-key days disagree with the detail on %s (for example %s)',
+                                    v_keys, v_days, v_first));
+        drifted := drifted + v_keys;
+    END IF;
     IF drifted = 0 THEN
         RETURN;
     END IF;
-    problem := format('drift: %s field(s) of daily_logs disagree with the detail on %s (for example %s)',
-                      drifted, v_days, v_first);
     IF v_cfg.repair_drift THEN
         PERFORM usage_agg.rebuild_daily_logs(v_from, v_today);
         problem := problem || '; repaired by rebuild_daily_logs';
@@ -511,7 +531,8 @@ SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.
                COALESCE(p.oldest < now() - c.pending_alert_after, false) OR sk.days > 0
           FROM usage_agg.config c
          CROSS JOIN usage_agg._applier_state() a
-         CROSS JOIN (SELECT min(q.appended_at) AS oldest FROM usage_agg.pending_deltas q) p
+         CROSS JOIN (SELECT least((SELECT min(q.appended_at) FROM usage_agg.pending_deltas q),
+                             (SELECT min(q.appended_at) FROM usage_agg.pending_key_deltas q)) AS oldest) p
          CROSS JOIN (SELECT count(*) AS days FROM usage_agg.fold_skipped) sk) h
  ORDER BY h.ord;
 COMMENT ON VIEW usage_agg.maintenance_health IS
@@ -582,3 +603,49 @@ END;
 $$;
 COMMENT ON FUNCTION usage_agg.unschedule_maintenance() IS
     'Removes the pg_cron job usage_agg_maintenance; returns false when there was none';
+
+-- Without the background applier (usage_agg not in shared_preload_libraries),
+-- calls of async mode and the per-key deltas of immediate statements wait for
+-- an apply: a pg_cron job runs one on `every` (a cron expression; every minute
+-- by default; pg_cron 1.5 and later also take '[1-59] seconds').
+CREATE FUNCTION usage_agg.schedule_apply(every text DEFAULT '* * * * *')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job bigint;
+BEGIN
+    IF every IS NULL OR btrim(every) = '' THEN
+        RAISE EXCEPTION 'usage_agg: every must be a pg_cron schedule'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'For example ''* * * * *'' (every minute), or ''30 seconds'' with pg_cron 1.5 or later.';
+    END IF;
+    PERFORM usage_agg._require_pg_cron();
+    EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_job
+        USING 'usage_agg_apply', every, 'SELECT usage_agg.apply_pending_deltas()';
+    RETURN v_job;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.schedule_apply(text) IS
+    'Registers (or updates) the pg_cron job usage_agg_apply running SELECT usage_agg.apply_pending_deltas() (for servers without the background applier); returns its job id';
+
+CREATE FUNCTION usage_agg.unschedule_apply()
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_exists boolean;
+BEGIN
+    PERFORM usage_agg._require_pg_cron();
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM cron.job WHERE jobname = $1 AND username = current_user)'
+        INTO v_exists USING 'usage_agg_apply';
+    IF v_exists THEN
+        EXECUTE 'SELECT cron.unschedule($1)' USING 'usage_agg_apply';
+    END IF;
+    RETURN v_exists;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.unschedule_apply() IS
+    'Removes the pg_cron job usage_agg_apply; returns false when there was none';

@@ -174,7 +174,9 @@ CREATE TABLE usage_agg.pending_deltas (
     tokens        bigint      NOT NULL,
     cost          numeric     NOT NULL,
     last_at       timestamptz NOT NULL,
-    appended_at   timestamptz NOT NULL DEFAULT now()
+    appended_at   timestamptz NOT NULL DEFAULT now(),
+    -- Newest failed call among them (NULL: none failed); added in 0.4.0.
+    last_failure_at timestamptz
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
         autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000);
 -- Every row is deleted soon after it is written: vacuum it by count, not by size.

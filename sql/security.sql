@@ -26,10 +26,15 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg.run_maintenance(),
     usage_agg.schedule_maintenance(text),
     usage_agg.unschedule_maintenance(),
+    usage_agg.schedule_apply(text),
+    usage_agg.unschedule_apply(),
     usage_agg.rebuild_daily_logs(date, date),
     usage_agg.apply_pending_deltas(integer),
     usage_agg.post_restore(),
-    usage_agg._verify_recent_days()
+    usage_agg._verify_recent_days(),
+    usage_agg._rebuild_key_day(date),
+    usage_agg._cleanup_key_days(date),
+    usage_agg._key_days_from_users(date)
 FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE
     usage_agg.expire_key_usage_logs(interval, bigint),
@@ -47,6 +52,12 @@ ALTER VIEW usage_agg.monthly_usage_by_model SET (security_invoker = true);
 ALTER VIEW usage_agg.monthly_usage_by_key SET (security_invoker = true);
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.fold_status SET (security_invoker = true);
+ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_daily_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.key_monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_health SET (security_invoker = true);
+ALTER VIEW usage_agg.service_daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.service_monthly_usage SET (security_invoker = true);
 
 CREATE FUNCTION usage_agg._check_role(role_name name) RETURNS void
 LANGUAGE plpgsql STABLE
@@ -82,7 +93,13 @@ BEGIN
                            usage_agg.fold_status, usage_agg.fold_skipped, usage_agg.restores,
                            usage_agg.daily_usage, usage_agg.monthly_usage,
                            usage_agg.daily_usage_by_model, usage_agg.daily_usage_by_key,
-                           usage_agg.monthly_usage_by_model, usage_agg.monthly_usage_by_key
+                           usage_agg.monthly_usage_by_model, usage_agg.monthly_usage_by_key,
+                           usage_agg.key_daily_logs, usage_agg.key_monthly_logs,
+                           usage_agg.service_daily_logs, usage_agg.service_monthly_logs,
+                           usage_agg.pending_key_deltas,
+                           usage_agg.key_daily_usage, usage_agg.key_daily_usage_by_model,
+                           usage_agg.key_monthly_usage, usage_agg.key_health,
+                           usage_agg.service_daily_usage, usage_agg.service_monthly_usage
                     TO %I', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.quota_status(uuid) TO %I', role_name);
 END;

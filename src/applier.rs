@@ -21,6 +21,7 @@ use rustc_hash::FxHashMap;
 use crate::config;
 use crate::errors;
 use crate::fold::{self, Group, Key, Skipped, PENDING_GROUP_COLUMNS};
+use crate::keys;
 use crate::logdata;
 use crate::pending;
 use crate::plans::{kept_statement, Sql};
@@ -130,11 +131,11 @@ pub fn apply_batch(client: &mut SpiClient<'_>, max_rows: i32, timezone: &str) ->
     for row in taken {
         let group = fold::group_of(&row, false);
         let appended = row
-            .get::<i64>(10)
+            .get::<i64>(11)
             .unwrap_or_else(|e| errors::internal("taking pending calls", e))
             .unwrap_or(0);
         taken_rows += row
-            .get::<i64>(11)
+            .get::<i64>(12)
             .unwrap_or_else(|e| errors::internal("taking pending calls", e))
             .unwrap_or(0);
         first_appended
@@ -143,13 +144,21 @@ pub fn apply_batch(client: &mut SpiClient<'_>, max_rows: i32, timezone: &str) ->
             .or_insert(appended);
         rows.push(group);
     }
-    if rows.is_empty() {
-        return (0, 0);
-    }
     let taken_calls: i64 = rows.iter().map(|(_, g, _)| g.calls).sum();
     let deltas = logdata::group_rows(&rows);
     let applied_keys: Vec<Key> = deltas.keys().copied().collect();
-    let skipped = fold::write_groups(client, deltas, timezone, true);
+    let written = fold::write_groups(client, deltas, timezone, true);
+    // The per-key and service rows: these calls, and the deltas statements
+    // that folded their own calls left for an apply.
+    if crate::settings::per_key_aggregates() {
+        let mut rollups = keys::Rollups::of(&rows, &written);
+        keys::take_pending(client, &mut rollups, max_rows);
+        keys::write(client, rollups);
+    }
+    if rows.is_empty() {
+        return (0, 0);
+    }
+    let skipped = written.skipped;
 
     let retried = ANY_SKIPPED
         .run(client, &[])

@@ -41,9 +41,9 @@ impl FoldMode {
 pub struct FoldConfig {
     pub timezone: String,
     pub mode: FoldMode,
-    /// The catalog has everything this library writes (0.3.0 or later: the
-    /// config_changed trigger, pending_deltas.appended_at, fold_skipped); false
-    /// only between installing this library and ALTER EXTENSION ... UPDATE.
+    /// The catalog has everything this library writes (0.4.0 or later: the
+    /// per-key tables, pending_deltas.last_failure_at); false only between
+    /// installing this library and ALTER EXTENSION ... UPDATE.
     pub current_catalog: bool,
     /// pending_deltas exists (0.2.0 or later): corrections take its calls.
     pub has_pending_table: bool,
@@ -61,7 +61,7 @@ kept_statement! {
             SELECT c.timezone,
                    pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'fold_mode',
                    'usage_agg.config'::pg_catalog.regclass::pg_catalog.oid,
-                   pg_catalog.to_regclass('usage_agg.fold_skipped') IS NOT NULL,
+                   pg_catalog.to_regclass('usage_agg.pending_key_deltas') IS NOT NULL,
                    COALESCE((pg_catalog.date_part('epoch',
                        (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'apply_interval')::pg_catalog.interval)
                        OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8, 1000),

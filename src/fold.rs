@@ -19,10 +19,11 @@ use bigdecimal::BigDecimal;
 use pgrx::prelude::*;
 use pgrx::spi::{SpiClient, SpiHeapTupleData, SpiTupleTable};
 use pgrx::Uuid;
+use rustc_hash::FxHashMap;
 
 use crate::errors;
 use crate::jsonb::Jsonb;
-use crate::logdata::{self, Correction, CorruptField, DayDelta, GroupRow};
+use crate::logdata::{self, Correction, CorruptField, DayDelta, GroupRow, Presence};
 use crate::plans::{kept_statement, Sql};
 
 /// Names of the transition tables in `CREATE TRIGGER ... REFERENCING`.
@@ -61,7 +62,8 @@ fn grouping_query(table: &str, skip_expired: bool) -> String {
                 (count(*) FILTER (WHERE t.success))::int8,
                 COALESCE(sum(t.tokens_used), 0)::int8,
                 COALESCE(sum(t.cost_estimate), 0)::text,
-                (extract(epoch FROM max(t.created_at)) * 1000000)::int8
+                (extract(epoch FROM max(t.created_at)) * 1000000)::int8,
+                (extract(epoch FROM max(t.created_at) FILTER (WHERE NOT t.success)) * 1000000)::int8
            FROM {table} t
           {horizon}
           {filter}
@@ -183,7 +185,22 @@ kept_statement! {
 pub const PENDING_GROUP_COLUMNS: &str = "
     p.user_id, (p.day - DATE '2000-01-01')::int4, p.model_used, p.shared_key_id::text,
     sum(p.calls)::int8, sum(p.successful)::int8, sum(p.tokens)::int8, sum(p.cost)::text,
-    (extract(epoch FROM max(p.last_at)) * 1000000)::int8";
+    (extract(epoch FROM max(p.last_at)) * 1000000)::int8,
+    (extract(epoch FROM max(p.last_failure_at)) * 1000000)::int8";
+
+/// The pending calls of the corrected (user, day)s, deleted and grouped;
+/// `last_failure` is the column (or NULL before 0.4.0's catalog).
+fn absorb_query(last_failure: &str) -> String {
+    let columns = PENDING_GROUP_COLUMNS.replace("max(p.last_failure_at)", last_failure);
+    format!(
+        "WITH taken AS (
+             DELETE FROM usage_agg.pending_deltas d
+              USING ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[])) AS k(user_id, day)
+              WHERE d.user_id = k.user_id AND d.day = DATE '2000-01-01' + k.day
+          RETURNING d.*)
+         SELECT {columns} FROM taken p GROUP BY 1, 2, 3, 4"
+    )
+}
 
 kept_statement! {
     /// Before a correction: takes the pending calls of the corrected (user,
@@ -191,14 +208,18 @@ kept_statement! {
     /// applied before the addition it removes). Waits for a concurrent apply.
     ABSORB_PENDING {
         what: "taking pending calls",
-        sql: Sql::Built(|| format!(
-            "WITH taken AS (
-                 DELETE FROM usage_agg.pending_deltas d
-                  USING ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[])) AS k(user_id, day)
-                  WHERE d.user_id = k.user_id AND d.day = DATE '2000-01-01' + k.day
-              RETURNING d.*)
-             SELECT {PENDING_GROUP_COLUMNS} FROM taken p GROUP BY 1, 2, 3, 4"
-        )),
+        sql: Sql::Built(|| absorb_query("max(p.last_failure_at)")),
+        args: [UUIDARRAYOID, INT4ARRAYOID],
+        mutating: true,
+    }
+}
+
+kept_statement! {
+    /// ABSORB_PENDING against a catalog older than 0.4.0 (no last_failure_at),
+    /// between installing this library and ALTER EXTENSION ... UPDATE.
+    ABSORB_PENDING_OLD_CATALOG {
+        what: "taking pending calls",
+        sql: Sql::Built(|| absorb_query("NULL::timestamptz")),
         args: [UUIDARRAYOID, INT4ARRAYOID],
         mutating: true,
     }
@@ -243,6 +264,10 @@ pub fn group_of(row: &SpiHeapTupleData<'_>, removed: bool) -> Group {
         tokens: get_i64(7),
         cost,
         last_at_micros: Some(get_i64(9)),
+        last_failure_micros: row
+            .get::<i64>(10)
+            .unwrap_or_else(|e| errors::internal("reading a group", e)),
+        absorbed: false,
     };
     ((user, day), group, removed)
 }
@@ -260,7 +285,7 @@ pub fn read_groups_in_sql(
 }
 
 /// Adds the pending calls of every (user, day) this statement removes rows from.
-pub fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<Group>) {
+pub fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<Group>, current_catalog: bool) {
     let mut keys: Vec<Key> = rows
         .iter()
         .filter(|(_, _, removed)| *removed)
@@ -273,13 +298,18 @@ pub fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<Group>) {
     }
     let users: Vec<Uuid> = keys.iter().map(|k| k.0).collect();
     let days: Vec<i32> = keys.iter().map(|k| k.1).collect();
-    let taken = ABSORB_PENDING.run(client, &[users.into(), days.into()]);
+    let statement = if current_catalog {
+        &ABSORB_PENDING
+    } else {
+        &ABSORB_PENDING_OLD_CATALOG
+    };
+    let taken = statement.run(client, &[users.into(), days.into()]);
     let mut absorbed = Vec::new();
     collect_groups(taken, false, &mut absorbed);
     // These calls may be among the removed ones: last_api_call_at is recomputed
     // from the detail by the correction, not taken from them.
     rows.extend(absorbed.into_iter().map(|(k, mut g, r)| {
-        g.last_at_micros = None;
+        g.absorbed = true;
         (k, g, r)
     }));
 }
@@ -296,6 +326,63 @@ thread_local! {
     /// in SKIPPED instead of raising.
     static TOLERANT: Cell<bool> = const { Cell::new(false) };
     static SKIPPED: RefCell<Vec<Skipped>> = const { RefCell::new(Vec::new()) };
+    /// While set, `_fold_merge` and `_fold_correct` record in OBSERVED what each
+    /// (user, day) they rewrite said before and after (see [`UserChange`]).
+    static OBSERVING: Cell<bool> = const { Cell::new(false) };
+    static OBSERVED: RefCell<FxHashMap<Key, (Presence, Presence)>> =
+        RefCell::new(FxHashMap::default());
+}
+
+/// Ends observing when the write ends, also by an error.
+struct Observing;
+
+impl Observing {
+    fn begin() -> Observing {
+        OBSERVED.with(|o| o.borrow_mut().clear());
+        OBSERVING.with(|t| t.set(true));
+        Observing
+    }
+}
+
+impl Drop for Observing {
+    fn drop(&mut self) {
+        OBSERVING.with(|t| t.set(false));
+    }
+}
+
+fn observe(
+    key: Key,
+    before: impl FnOnce() -> Presence,
+    after: &serde_json::Value,
+    delta: &serde_json::Value,
+) {
+    if OBSERVING.with(Cell::get) {
+        let before = before();
+        let after = Presence::within(after, delta);
+        OBSERVED.with(|o| {
+            o.borrow_mut()
+                .entry(key)
+                .and_modify(|e| e.1 = after.clone())
+                .or_insert_with(|| (before, after));
+        });
+    }
+}
+
+/// How one write changed a user's day for the per-key and service aggregates:
+/// +1/-1 to the day's active users, and +1/-1 to the users of keys.
+#[derive(Debug, Clone)]
+pub struct UserChange {
+    pub key: Key,
+    pub active: i64,
+    pub keys: Vec<(String, i64)>,
+}
+
+/// What [`write_groups`] did.
+pub struct Written {
+    /// (user, day)s left as they were (tolerant writes only).
+    pub skipped: Vec<Skipped>,
+    /// Users who joined or left a key's (or the service's) day.
+    pub changes: Vec<UserChange>,
 }
 
 /// Resets the tolerant mode when the write ends, also by an error.
@@ -319,6 +406,47 @@ impl Drop for TolerantWrite {
 /// additions to corrupted daily rows are left out and returned (the caller keeps
 /// those calls pending); otherwise such a row raises SQLSTATE XX001.
 pub fn write_groups(
+    client: &mut SpiClient<'_>,
+    groups: BTreeMap<Key, DayDelta>,
+    timezone: &str,
+    tolerant: bool,
+) -> Written {
+    // Who joined or left a key's day matters to the per-key aggregates only.
+    if !crate::settings::per_key_aggregates() {
+        let skipped = write_day_rows(client, groups, timezone, tolerant);
+        return Written {
+            skipped,
+            changes: Vec::new(),
+        };
+    }
+    let observing = Observing::begin();
+    // A day row the upsert creates is not seen by _fold_merge: it starts as
+    // its delta.
+    let mut fresh: Vec<(Key, Presence)> = groups
+        .iter()
+        .filter(|(_, d)| !d.has_removals())
+        .map(|(k, d)| (*k, d.presence()))
+        .collect();
+    let skipped = write_day_rows(client, groups, timezone, tolerant);
+    drop(observing);
+    let observed = OBSERVED.with(|o| std::mem::take(&mut *o.borrow_mut()));
+    fresh.retain(|(k, _)| !observed.contains_key(k) && !skipped.iter().any(|s| &s.key == k));
+    let mut changes = Vec::new();
+    let before_nothing = Presence::default();
+    for (key, (before, after)) in observed
+        .iter()
+        .map(|(k, (b, a))| (*k, (b, a)))
+        .chain(fresh.iter().map(|(k, a)| (*k, (&before_nothing, a))))
+    {
+        let (active, keys) = after.changes_from(before);
+        if active != 0 || !keys.is_empty() {
+            changes.push(UserChange { key, active, keys });
+        }
+    }
+    Written { skipped, changes }
+}
+
+fn write_day_rows(
     client: &mut SpiClient<'_>,
     groups: BTreeMap<Key, DayDelta>,
     timezone: &str,
@@ -395,8 +523,15 @@ pub fn write_groups(
 /// upsert then keeps the row as it is (`COALESCE(..., d.log_data)`).
 #[pg_extern(immutable, parallel_safe, name = "_fold_merge")]
 fn fold_merge(stored: Jsonb, delta: Jsonb, user_id: Uuid, day: pgrx::datum::Date) -> Option<Jsonb> {
+    let key = (user_id, day.to_pg_epoch_days());
+    let before = OBSERVING
+        .with(Cell::get)
+        .then(|| Presence::within(&stored.0, &delta.0));
     match logdata::merge_into(stored.0, &delta.0, None) {
-        Ok(v) => Some(Jsonb(v)),
+        Ok(v) => {
+            observe(key, || before.unwrap_or_default(), &v, &delta.0);
+            Some(Jsonb(v))
+        }
         Err(error) if TOLERANT.with(Cell::get) => {
             SKIPPED.with(|s| {
                 s.borrow_mut().push(Skipped {
@@ -424,8 +559,15 @@ fn fold_correct(
         removed_last_at,
         detail_last_at,
     };
+    let key = (user_id, day.to_pg_epoch_days());
+    let before = OBSERVING
+        .with(Cell::get)
+        .then(|| Presence::within(&stored.0, &delta.0));
     match logdata::merge_into(stored.0, &delta.0, Some(correction)) {
-        Ok(v) => Jsonb(v),
+        Ok(v) => {
+            observe(key, || before.unwrap_or_default(), &v, &delta.0);
+            Jsonb(v)
+        }
         Err(e) => errors::corrupt_daily_row(&e, &user_id, day.to_pg_epoch_days()),
     }
 }

@@ -43,6 +43,7 @@ struct Totals {
     tokens: i64,
     cost: decimal::Sum,
     last_at: i64,
+    last_failure: i64,
 }
 
 /// The attribute numbers (1-based) of the columns the fold reads.
@@ -68,12 +69,11 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
     let find = |name: &str, types: &[pg_sys::Oid], expected: &str| -> i32 {
         for i in 0..natts {
             let att = crate::compat::attribute(&*tupdesc, i as usize);
-            if !(*att).attisdropped {
-                let att_name = std::ffi::CStr::from_ptr((*att).attname.data.as_ptr());
+            if !att.attisdropped {
+                let att_name = std::ffi::CStr::from_ptr(att.attname.data.as_ptr());
                 if att_name.to_bytes() == name.as_bytes() {
-                    if !types.contains(&(*att).atttypid) {
-                        let found =
-                            std::ffi::CStr::from_ptr(pg_sys::format_type_be((*att).atttypid));
+                    if !types.contains(&att.atttypid) {
+                        let found = std::ffi::CStr::from_ptr(pg_sys::format_type_be(att.atttypid));
                         errors::changed_column(name, &found.to_string_lossy(), expected);
                     }
                     return i + 1;
@@ -294,6 +294,7 @@ pub fn group_new_rows(
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => e.insert(Totals {
                     last_at: i64::MIN,
+                    last_failure: i64::MIN,
                     ..Totals::default()
                 }),
             };
@@ -308,6 +309,9 @@ pub fn group_new_rows(
                 }
             }
             totals.last_at = totals.last_at.max(row.at);
+            if !row.success {
+                totals.last_failure = totals.last_failure.max(row.at);
+            }
             true
         });
     }
@@ -331,6 +335,9 @@ pub fn group_new_rows(
                     tokens: t.tokens,
                     cost: t.cost.to_bigdecimal(),
                     last_at_micros: Some(t.last_at + PG_EPOCH_OFFSET_MICROS),
+                    last_failure_micros: (t.last_failure != i64::MIN)
+                        .then(|| t.last_failure + PG_EPOCH_OFFSET_MICROS),
+                    absorbed: false,
                 };
                 ((Uuid::from_bytes(k.user), k.day), row, false)
             })

@@ -10,10 +10,13 @@
 //! - `pending`: appends to `pending_deltas` (row by row without SPI, or grouped).
 //! - `grouping`: a statement's inserted rows grouped per (user, day, model, key).
 //! - `logdata`: pure folding of usage into the `log_data` JSON layout.
+//! - `keys`: the per-key and service aggregates (written by applies only).
+//! - `keydata`: pure folding of their documents.
 //! - `retention`: the roll-up merge of daily into monthly documents.
 //! - `decimal`: exact sums of `numeric` values in their binary form.
 //! - `jsonb`: binary jsonb to and from serde values (no text round trip).
 //! - `errors`: user-facing errors with SQLSTATEs.
+//! - `settings`: server settings (GUCs).
 //!
 //! Hand-written SQL lives in `sql/` and is pulled in below in dependency order.
 
@@ -27,10 +30,13 @@ mod errors;
 mod fold;
 mod grouping;
 mod jsonb;
+mod keydata;
+mod keys;
 mod logdata;
 mod pending;
 mod plans;
 mod retention;
+mod settings;
 mod trigger;
 mod worker;
 
@@ -43,6 +49,7 @@ mod worker;
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
     errors::no_backtraces_in_details();
+    settings::init();
     // SAFETY: a flag the postmaster sets while loading preload libraries.
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         worker::init_preloaded();
@@ -58,11 +65,17 @@ extension_sql_file!(
 extension_sql_file!("../sql/verify.sql", name = "verify", requires = ["schema"]);
 extension_sql_file!("../sql/quotas.sql", name = "quotas", requires = ["schema"]);
 extension_sql_file!(
+    "../sql/keys.sql",
+    name = "keys",
+    requires = ["schema", "verify", keys::rollup_add]
+);
+extension_sql_file!(
     "../sql/retention.sql",
     name = "retention",
     requires = [
         "schema",
         "quotas",
+        "keys",
         retention::rollup_merge,
         applier::apply_pending_deltas,
         worker::applier_state

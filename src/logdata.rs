@@ -96,6 +96,11 @@ pub struct GroupRow {
     /// `None` when the caller recomputes `last_api_call_at` from the detail anyway
     /// (pending calls taken into a correction).
     pub last_at_micros: Option<i64>,
+    /// Newest `created_at` among the failed calls, as `last_at_micros`.
+    pub last_failure_micros: Option<i64>,
+    /// Pending calls taken into a correction: they may be among the removed
+    /// calls, so their times only tell the per-key fold to look at the detail.
+    pub absorbed: bool,
 }
 
 /// The net change one statement makes to one (user, day).
@@ -146,7 +151,10 @@ impl DayDelta {
         } else {
             &mut self.added_last_at
         };
-        *slot = max_opt(*slot, row.last_at_micros);
+        // Absorbed calls: last_api_call_at is recomputed from the detail.
+        if !row.absorbed {
+            *slot = max_opt(*slot, row.last_at_micros);
+        }
     }
 
     /// True when rows were removed: the stored document must then be corrected,
@@ -166,6 +174,20 @@ impl DayDelta {
             && self.by_model.values().all(Cell::is_zero)
             && self.by_key.values().all(Cell::is_zero)
             && self.added_last_at == self.removed_last_at
+    }
+
+    /// What a new day row made of this delta says (see [`Presence`]).
+    pub fn presence(&self) -> Presence {
+        Presence {
+            active: self.calls > 0,
+            // BTreeMap order: sorted.
+            keys: self
+                .by_key
+                .iter()
+                .filter(|(_, c)| c.calls > 0)
+                .map(|(k, _)| k.clone())
+                .collect(),
+        }
     }
 
     /// The delta as a document in the `log_data` layout. For a pure addition this is
@@ -333,6 +355,84 @@ pub fn merge_into(
     Ok(Value::Object(out))
 }
 
+/// What a user's day document says about the per-key and service aggregates:
+/// whether the day has calls, and which keys it used. Comparing it before and
+/// after a fold tells them whether the user was added to (or removed from) a
+/// key's users of the day, or the day's active users.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Presence {
+    pub active: bool,
+    /// Keys with calls, sorted.
+    pub keys: Vec<String>,
+}
+
+impl Presence {
+    /// Read leniently: a field that is not what the fold writes counts as absent
+    /// (the fold itself raises on such a document before this is asked).
+    #[cfg(test)]
+    pub fn of(doc: &Value) -> Presence {
+        Presence::among(doc, None)
+    }
+
+    /// [`Presence::of`] for the keys a delta document names only: folding that
+    /// delta can change no other key, and a user's day may list many keys.
+    pub fn within(doc: &Value, delta: &Value) -> Presence {
+        let names: Vec<&str> = match get(delta, &[SHARED_SERVICE_USAGE, BY_KEY]) {
+            Some(Value::Object(cells)) => cells.keys().map(String::as_str).collect(),
+            _ => Vec::new(),
+        };
+        Presence::among(doc, Some(&names))
+    }
+
+    fn among(doc: &Value, names: Option<&[&str]>) -> Presence {
+        let positive = |v: Option<&Value>| match v {
+            Some(Value::Number(n)) => n.as_i64().map_or_else(
+                || BigDecimal::from_str(&n.to_string()).is_ok_and(|d| d > BigDecimal::zero()),
+                |i| i > 0,
+            ),
+            _ => false,
+        };
+        let mut keys: Vec<String> = match get(doc, &[SHARED_SERVICE_USAGE, BY_KEY]) {
+            Some(Value::Object(cells)) => match names {
+                None => cells
+                    .iter()
+                    .filter(|(_, c)| positive(c.get("calls")))
+                    .map(|(k, _)| k.clone())
+                    .collect(),
+                Some(names) => names
+                    .iter()
+                    .filter(|n| cells.get(**n).is_some_and(|c| positive(c.get("calls"))))
+                    .map(|n| n.to_string())
+                    .collect(),
+            },
+            _ => Vec::new(),
+        };
+        keys.sort();
+        Presence {
+            active: positive(doc.get(API_CALL_COUNT)),
+            keys,
+        }
+    }
+
+    /// (+1 or -1 for the day's active users, and per key +1 or -1): what
+    /// changed from `before` to `self`.
+    pub fn changes_from(&self, before: &Presence) -> (i64, Vec<(String, i64)>) {
+        let active = i64::from(self.active) - i64::from(before.active);
+        let mut keys = Vec::new();
+        for k in &self.keys {
+            if before.keys.binary_search(k).is_err() {
+                keys.push((k.clone(), 1));
+            }
+        }
+        for k in &before.keys {
+            if self.keys.binary_search(k).is_err() {
+                keys.push((k.clone(), -1));
+            }
+        }
+        (active, keys)
+    }
+}
+
 /// Whether a top-level `log_data` key belongs to usage_agg.
 fn is_owned_key(key: &str) -> bool {
     matches!(
@@ -382,7 +482,7 @@ pub fn rollup_documents(month: &Value, day: &Value) -> Result<Value, CorruptFiel
     Ok(Value::Object(out))
 }
 
-fn max_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
+pub(crate) fn max_opt(a: Option<i64>, b: Option<i64>) -> Option<i64> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.max(y)),
         (x, None) => x,
@@ -398,7 +498,7 @@ fn get<'v>(doc: &'v Value, path: &[&str]) -> Option<&'v Value> {
     Some(cur)
 }
 
-fn corrupt(field: &str, found: &Value, expected: &'static str) -> CorruptField {
+pub(crate) fn corrupt(field: &str, found: &Value, expected: &'static str) -> CorruptField {
     let mut found = found.to_string();
     if found.len() > 200 {
         let mut cut = 200;
@@ -416,7 +516,7 @@ fn corrupt(field: &str, found: &Value, expected: &'static str) -> CorruptField {
 }
 
 /// Reads an exact decimal from a stored field (missing or null counts as zero).
-fn read_decimal(
+pub(crate) fn read_decimal(
     value: Option<&Value>,
     path: &str,
     integer: bool,
@@ -436,7 +536,7 @@ fn read_decimal(
     }
 }
 
-fn add_number(
+pub(crate) fn add_number(
     map: &mut Map<String, Value>,
     key: &str,
     path: &str,
@@ -622,6 +722,8 @@ mod tests {
             tokens,
             cost: dec(cost),
             last_at_micros: Some(at),
+            last_failure_micros: (ok < calls).then_some(at),
+            absorbed: false,
         }
     }
 
@@ -860,6 +962,40 @@ mod tests {
     fn rollup_rejects_a_day_that_is_not_an_object() {
         let err = rollup_documents(&json!({}), &json!([1])).unwrap_err();
         assert_eq!(err.field, "log_data");
+    }
+
+    #[test]
+    fn presence_changes_name_the_keys_gained_and_lost() {
+        let before = Presence::of(&json!({
+            "api_call_count": 2,
+            "shared_service_usage": {"by_key": {"k1": {"calls": 1}, "k2": {"calls": 1}}}
+        }));
+        assert_eq!(before.keys, vec!["k1".to_string(), "k2".to_string()]);
+        let after = Presence::of(&json!({
+            "api_call_count": 2,
+            "shared_service_usage": {"by_key": {"k2": {"calls": 1}, "k3": {"calls": 1}}}
+        }));
+        assert_eq!(
+            after.changes_from(&before),
+            (0, vec![("k3".to_string(), 1), ("k1".to_string(), -1)])
+        );
+        let empty = Presence::of(&json!({"api_call_count": 0}));
+        assert_eq!(empty.changes_from(&after).0, -1);
+        assert_eq!(after.changes_from(&Presence::default()).0, 1);
+        // Not what the fold writes: absent.
+        assert_eq!(Presence::of(&json!([1])), Presence::default());
+        // Only the keys a delta names.
+        let delta =
+            json!({"shared_service_usage": {"by_key": {"k2": {"calls": 1}, "k9": {"calls": 1}}}});
+        let doc = json!({"api_call_count": 2,
+                         "shared_service_usage": {"by_key": {"k1": {"calls": 1}, "k2": {"calls": 1}}}});
+        assert_eq!(
+            Presence::within(&doc, &delta),
+            Presence {
+                active: true,
+                keys: vec!["k2".to_string()]
+            }
+        );
     }
 
     #[test]

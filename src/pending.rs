@@ -26,7 +26,7 @@ use crate::plans::{kept_statement, Sql};
 
 /// The columns of pending_deltas, in order, as `sql/schema.sql` creates them:
 /// (type, may be NULL).
-const COLUMNS: [(pg_sys::Oid, bool); 10] = [
+const COLUMNS: [(pg_sys::Oid, bool); 11] = [
     (pg_sys::UUIDOID, false),        // user_id
     (pg_sys::DATEOID, false),        // day
     (pg_sys::TEXTOID, true),         // model_used
@@ -37,6 +37,7 @@ const COLUMNS: [(pg_sys::Oid, bool); 10] = [
     (pg_sys::NUMERICOID, false),     // cost
     (pg_sys::TIMESTAMPTZOID, false), // last_at
     (pg_sys::TIMESTAMPTZOID, false), // appended_at
+    (pg_sys::TIMESTAMPTZOID, true),  // last_failure_at
 ];
 
 /// An index of pending_deltas that `append_rows` maintains itself.
@@ -48,7 +49,8 @@ struct PlainIndex {
 /// Appends every row of this INSERT statement's NEW transition table to
 /// pending_deltas, one row per call, as the SQL path would:
 /// `(user_id, business day, model_used, shared_key_id, 1, success::int,
-/// coalesce(tokens_used, 0), coalesce(cost_estimate, 0), created_at, now())`.
+/// coalesce(tokens_used, 0), coalesce(cost_estimate, 0), created_at, now(),
+/// created_at when the call failed)`.
 /// Returns false, having written nothing, when pending_deltas is not the plain
 /// table this writes correctly (see the module comment).
 ///
@@ -86,10 +88,12 @@ pub unsafe fn append_rows(data: &pg_sys::TriggerData, timezone: &str) -> bool {
             row.cost.unwrap_or(zero_cost),
             pg_sys::Datum::from(row.at),
             appended_at,
+            pg_sys::Datum::from(row.at),
         ];
-        let mut nulls = [false; 10];
+        let mut nulls = [false; COLUMNS.len()];
         nulls[2] = row.model.is_none();
         nulls[3] = row.key.is_none();
+        nulls[10] = row.success;
         let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
         // WAL, TOAST, visibility and the statistics counters, as INSERT does.
         pg_sys::simple_heap_insert(relation, tuple);
@@ -237,17 +241,20 @@ kept_statement! {
         what: "appending grouped calls to pending_deltas",
         sql: Sql::Text("
             INSERT INTO usage_agg.pending_deltas
-                   (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at, appended_at)
+                   (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at, appended_at,
+                    last_failure_at)
             SELECT u.user_id, DATE '2000-01-01' + u.day, u.model, u.key::uuid, u.calls, u.ok, u.tokens,
-                   u.cost::numeric, u.last_at::timestamptz, COALESCE(u.appended_at::timestamptz, pg_catalog.now())
+                   u.cost::numeric, u.last_at::timestamptz, COALESCE(u.appended_at::timestamptz, pg_catalog.now()),
+                   u.last_failure_at::timestamptz
               FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]),
                               pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
                               pg_catalog.unnest($5::int4[]), pg_catalog.unnest($6::int4[]),
                               pg_catalog.unnest($7::int8[]), pg_catalog.unnest($8::text[]),
-                              pg_catalog.unnest($9::text[]), pg_catalog.unnest($10::text[]))
-                   AS u(user_id, day, model, key, calls, ok, tokens, cost, last_at, appended_at)"),
+                              pg_catalog.unnest($9::text[]), pg_catalog.unnest($10::text[]),
+                              pg_catalog.unnest($11::text[]))
+                   AS u(user_id, day, model, key, calls, ok, tokens, cost, last_at, appended_at, last_failure_at)"),
         args: [UUIDARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
-               INT4ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID],
+               INT4ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID],
         mutating: true,
     }
 }
@@ -259,10 +266,12 @@ kept_statement! {
         what: "appending to pending_deltas",
         sql: Sql::Text("
             INSERT INTO usage_agg.pending_deltas
-                   (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at)
+                   (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at,
+                    last_failure_at)
             SELECT t.user_id, (t.created_at AT TIME ZONE $1)::date, t.model_used, t.shared_key_id,
                    1, CASE WHEN t.success THEN 1 ELSE 0 END,
-                   COALESCE(t.tokens_used, 0), COALESCE(t.cost_estimate, 0), t.created_at
+                   COALESCE(t.tokens_used, 0), COALESCE(t.cost_estimate, 0), t.created_at,
+                   CASE WHEN t.success THEN NULL ELSE t.created_at END
               FROM usage_agg_new_rows t"),
         args: [TEXTOID],
         mutating: true,
@@ -283,6 +292,7 @@ pub fn append_groups(client: &SpiClient<'_>, groups: &[Group], appended_at: &FxH
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    let mut last_failure = Vec::with_capacity(n);
     let (mut calls, mut ok, mut tokens, mut costs, mut last_at, mut first_appended) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -307,6 +317,7 @@ pub fn append_groups(client: &SpiClient<'_>, groups: &[Group], appended_at: &FxH
         tokens.push(row.tokens);
         costs.push(row.cost.to_string());
         last_at.push(row.last_at_micros.map(logdata::format_micros));
+        last_failure.push(row.last_failure_micros.map(logdata::format_micros));
         first_appended.push(appended_at.get(key).map(|&t| logdata::format_micros(t)));
     }
     APPEND_GROUPS.run(
@@ -322,6 +333,7 @@ pub fn append_groups(client: &SpiClient<'_>, groups: &[Group], appended_at: &FxH
             costs.into(),
             last_at.into(),
             first_appended.into(),
+            last_failure.into(),
         ],
     );
 }

@@ -25,6 +25,7 @@ use crate::config::{self, FoldConfig, FoldMode};
 use crate::errors;
 use crate::fold::{self, Group, Key};
 use crate::grouping;
+use crate::keys;
 use crate::logdata::{self, DayDelta};
 use crate::pending;
 use crate::worker;
@@ -144,9 +145,9 @@ fn fold_key_usage_logs<'a>(
                 Path::Pending => pending::append_groups(client, &rows, &FxHashMap::default()),
                 Path::Fold | Path::FoldTolerant => {
                     if has_old && config.has_pending_table {
-                        fold::absorb_pending(client, &mut rows);
+                        fold::absorb_pending(client, &mut rows, config.current_catalog);
                     }
-                    fold_now(client, rows, &config.timezone, path == Path::FoldTolerant);
+                    fold_now(client, rows, &config, path == Path::FoldTolerant);
                 }
             }
         })
@@ -161,11 +162,17 @@ fn fold_key_usage_logs<'a>(
     Ok(None)
 }
 
-/// Folds a statement's groups into daily_logs. Tolerant: the calls of a (user,
-/// day) whose daily row is corrupted are recorded as pending instead.
-fn fold_now(client: &mut SpiClient<'_>, rows: Vec<Group>, timezone: &str, tolerant: bool) {
+/// Folds a statement's groups into daily_logs, and records their per-key and
+/// service deltas for the next apply (see `keys`). Tolerant: the calls of a
+/// (user, day) whose daily row is corrupted are recorded as pending instead.
+fn fold_now(client: &mut SpiClient<'_>, rows: Vec<Group>, config: &FoldConfig, tolerant: bool) {
     let groups: BTreeMap<Key, DayDelta> = logdata::group_rows(&rows);
-    let skipped = fold::write_groups(client, groups, timezone, tolerant);
+    let written = fold::write_groups(client, groups, &config.timezone, tolerant);
+    // Before ALTER EXTENSION ... UPDATE to 0.4.0 there are no per-key tables.
+    if config.current_catalog && crate::settings::per_key_aggregates() {
+        keys::append_pending(client, &keys::Rollups::of(&rows, &written));
+    }
+    let skipped = written.skipped;
     if skipped.is_empty() {
         return;
     }
