@@ -1,0 +1,149 @@
+-- usage_agg 0.3.0 -> 0.4.0
+--
+-- Per-key and service aggregates: key_daily_logs, key_monthly_logs,
+-- service_daily_logs, service_monthly_logs, pending_key_deltas, their views
+-- (key_daily_usage, key_daily_usage_by_model, key_monthly_usage, key_health,
+-- service_daily_usage, service_monthly_usage), key_usage_summary(),
+-- usage_overview() and verify_key_daily_logs(); rebuild_daily_logs() and the
+-- daily roll-up cover them; pending_deltas.last_failure_at. Keeps all data and
+-- fills the new tables from it (see the end). A fresh install of 0.4.0 and
+-- 0.3.0 + this script give the same catalog (tests/upgrade.rs checks it).
+--
+-- Generated: tests/update_scripts.rs writes sql/usage_agg--0.3.0--0.4.0.sql
+-- from sql/updates/0.3.0--0.4.0.sql (this template) and the install script, so
+-- that no function is copied by hand. Edit the template, not the output.
+
+\echo Use "ALTER EXTENSION usage_agg UPDATE TO '0.4.0'" to load this file. \quit
+
+-- No call may be folded between filling the new tables and the end of the update.
+LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
+
+ALTER TABLE usage_agg.pending_deltas ADD COLUMN last_failure_at timestamptz;
+-- One row per call (all but bulk groups): exact; a bulk group: its newest call.
+UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful < calls;
+
+-- @create usage_agg._rollup_add
+-- @create usage_agg._rollup_correct_last
+-- @create usage_agg._needs_detail
+
+-- @include sql/keys.sql
+
+-- @replace usage_agg.rebuild_daily_logs
+-- @replace usage_agg.cleanup_old_daily_logs
+-- @replace usage_agg.expire_daily_logs
+-- @replace usage_agg.grant_read_role
+-- @replace usage_agg.maintenance_health
+-- @replace usage_agg.import_legacy
+-- @replace usage_agg._verify_recent_days
+-- @replace usage_agg._check_reader_args
+
+-- @create usage_agg.schedule_apply
+-- @create usage_agg.unschedule_apply
+
+REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_key_days(date),
+    usage_agg._key_days_from_users(date),
+    usage_agg.schedule_apply(text), usage_agg.unschedule_apply() FROM PUBLIC;
+-- CREATE OR REPLACE VIEW resets the view's options.
+ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
+ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_daily_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.key_monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_health SET (security_invoker = true);
+ALTER VIEW usage_agg.service_daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.service_monthly_usage SET (security_invoker = true);
+
+-- ---------------------------------------------------------------------------
+-- Filling the new tables from what the database holds.
+-- ---------------------------------------------------------------------------
+
+-- Days with detail: a GROUP BY over it, less the calls still pending (the
+-- next apply adds those, as it does for every pending call). Users of a key (or
+-- of the service) on a day: the users whose day row lists the key (has calls).
+WITH horizon AS (
+    SELECT h.detail_kept_from AS day, usage_agg._timezone() AS tz FROM usage_agg.retention_horizon h
+), calls AS (
+    SELECT k.shared_key_id AS key, (k.created_at AT TIME ZONE h.tz)::date AS day, k.model_used AS model,
+           1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok, COALESCE(k.tokens_used, 0)::bigint AS tokens,
+           COALESCE(k.cost_estimate, 0) AS cost, k.created_at AS at,
+           CASE WHEN NOT k.success THEN k.created_at END AS failed_at
+      FROM usage_agg.key_usage_logs k, horizon h
+     WHERE k.created_at >= usage_agg._day_start(h.day, h.tz)
+    UNION ALL
+    SELECT p.shared_key_id, p.day, p.model_used, -p.calls, -p.successful, -p.tokens, -p.cost, NULL, NULL
+      FROM usage_agg.pending_deltas p, horizon h
+     WHERE p.day >= h.day
+), scoped AS (
+    SELECT c.key AS scope, c.* FROM calls c WHERE c.key IS NOT NULL
+    UNION ALL
+    SELECT NULL::uuid, c.* FROM calls c
+), per_model AS (
+    SELECT m.scope, m.day,
+           jsonb_object_agg(m.model, jsonb_build_object('calls', m.n, 'failed', m.failed,
+                                                        'tokens', m.tokens, 'cost', m.cost)) AS by_model
+      FROM (SELECT s.scope, s.day, s.model, sum(s.n) AS n, sum(s.n - s.ok) AS failed,
+                   sum(s.tokens) AS tokens, sum(s.cost) AS cost
+              FROM scoped s WHERE s.model IS NOT NULL
+             GROUP BY s.scope, s.day, s.model
+            HAVING sum(s.n) <> 0 OR sum(s.tokens) <> 0 OR sum(s.cost) <> 0) m
+     GROUP BY m.scope, m.day
+), per_day AS (
+    SELECT s.scope, s.day, sum(s.n) AS n, sum(s.ok) AS ok, sum(s.tokens) AS tokens, sum(s.cost) AS cost,
+           max(s.at) AS at, max(s.failed_at) AS failed_at
+      FROM scoped s GROUP BY s.scope, s.day
+), docs AS (
+    SELECT d.scope, d.day,
+           jsonb_build_object(
+               'total_calls', d.n, 'successful_calls', d.ok, 'failed_calls', d.n - d.ok,
+               'tokens_used', d.tokens, 'estimated_cost', d.cost,
+               'users', CASE WHEN d.scope IS NULL
+                             THEN (SELECT count(*) FROM usage_agg.daily_logs u
+                                    WHERE u.date = d.day AND u.log_data->'api_call_count' > '0'::jsonb)
+                             ELSE (SELECT count(*) FROM usage_agg.daily_logs u
+                                    WHERE u.date = d.day
+                                      AND u.log_data->'shared_service_usage'->'by_key' ? d.scope::text) END,
+               'by_model', COALESCE(m.by_model, '{}'::jsonb),
+               'last_call_at', usage_agg._iso_utc(d.at),
+               'last_failure_at', usage_agg._iso_utc(d.failed_at)) AS log_data
+      FROM per_day d
+      LEFT JOIN per_model m ON m.scope IS NOT DISTINCT FROM d.scope AND m.day = d.day
+     WHERE d.n <> 0 OR d.tokens <> 0 OR d.cost <> 0
+), keys AS (
+    INSERT INTO usage_agg.key_daily_logs (shared_key_id, date, log_data)
+    SELECT d.scope, d.day, d.log_data FROM docs d WHERE d.scope IS NOT NULL
+    RETURNING 1
+)
+INSERT INTO usage_agg.service_daily_logs (date, log_data)
+SELECT d.day, d.log_data FROM docs d WHERE d.scope IS NULL;
+
+-- Days whose detail expired: from the users' daily rows (what cannot be
+-- recovered there is null, see _key_days_from_users).
+SELECT usage_agg._key_days_from_users((SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+
+-- Months rolled up already: the same from the users' monthly rows.
+INSERT INTO usage_agg.key_monthly_logs (shared_key_id, month, log_data)
+SELECT c.key::uuid, m.month,
+       jsonb_build_object(
+           'total_calls', sum((c.value->>'calls')::bigint), 'successful_calls', NULL, 'failed_calls', NULL,
+           'tokens_used', sum((c.value->>'tokens')::bigint), 'estimated_cost', sum((c.value->>'cost')::numeric),
+           'by_model', '{}'::jsonb, 'last_call_at', NULL, 'last_failure_at', NULL,
+           'recovered_from', 'monthly_logs.by_key')
+  FROM usage_agg.monthly_logs m
+ CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(m.log_data->'shared_service_usage'->'by_key') = 'object'
+                                    THEN m.log_data->'shared_service_usage'->'by_key' ELSE '{}'::jsonb END) c
+ WHERE (c.value->>'calls')::bigint > 0
+ GROUP BY c.key, m.month;
+
+INSERT INTO usage_agg.service_monthly_logs (month, log_data)
+SELECT m.month,
+       jsonb_build_object(
+           'total_calls', sum((m.log_data->>'api_call_count')::bigint),
+           'successful_calls', sum((m.log_data->'shared_service_usage'->>'successful_calls')::bigint),
+           'failed_calls', sum((m.log_data->'shared_service_usage'->>'failed_calls')::bigint),
+           'tokens_used', sum((m.log_data->'shared_service_usage'->>'tokens_used')::bigint),
+           'estimated_cost', sum((m.log_data->'shared_service_usage'->>'estimated_cost')::numeric),
+           'by_model', '{}'::jsonb,
+           'last_call_at', usage_agg._iso_utc(max((m.log_data->>'last_api_call_at')::timestamptz)),
+           'last_failure_at', NULL,
+           'recovered_from', 'monthly_logs')
+  FROM usage_agg.monthly_logs m
+ GROUP BY m.month;

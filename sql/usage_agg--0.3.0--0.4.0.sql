@@ -1,0 +1,1429 @@
+-- usage_agg 0.3.0 -> 0.4.0
+--
+-- Per-key and service aggregates: key_daily_logs, key_monthly_logs,
+-- service_daily_logs, service_monthly_logs, pending_key_deltas, their views
+-- (key_daily_usage, key_daily_usage_by_model, key_monthly_usage, key_health,
+-- service_daily_usage, service_monthly_usage), key_usage_summary(),
+-- usage_overview() and verify_key_daily_logs(); rebuild_daily_logs() and the
+-- daily roll-up cover them; pending_deltas.last_failure_at. Keeps all data and
+-- fills the new tables from it (see the end). A fresh install of 0.4.0 and
+-- 0.3.0 + this script give the same catalog (tests/upgrade.rs checks it).
+--
+-- Generated: tests/update_scripts.rs writes sql/usage_agg--0.3.0--0.4.0.sql
+-- from sql/updates/0.3.0--0.4.0.sql (this template) and the install script, so
+-- that no function is copied by hand. Edit the template, not the output.
+
+\echo Use "ALTER EXTENSION usage_agg UPDATE TO '0.4.0'" to load this file. \quit
+
+-- No call may be folded between filling the new tables and the end of the update.
+LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
+
+ALTER TABLE usage_agg.pending_deltas ADD COLUMN last_failure_at timestamptz;
+-- One row per call (all but bulk groups): exact; a bulk group: its newest call.
+UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful < calls;
+
+CREATE FUNCTION usage_agg."_rollup_add"(
+	"stored" jsonb, /* Jsonb */
+	"delta" jsonb, /* Jsonb */
+	"keep_users" bool DEFAULT true /* bool */
+) RETURNS jsonb /* Jsonb */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rollup_add_wrapper';
+CREATE FUNCTION usage_agg."_rollup_correct_last"(
+	"stored" jsonb, /* Jsonb */
+	"removed_last_at" bigint, /* Option < i64 > */
+	"removed_last_failure_at" bigint, /* Option < i64 > */
+	"detail_last_at" bigint, /* Option < i64 > */
+	"detail_last_failure_at" bigint /* Option < i64 > */
+) RETURNS jsonb /* Jsonb */
+IMMUTABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'rollup_correct_last_wrapper';
+CREATE FUNCTION usage_agg."_needs_detail"(
+	"stored" TEXT, /* Option < & str > */
+	"removed" bigint /* Option < i64 > */
+) RETURNS bool /* bool */
+IMMUTABLE PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'needs_detail_wrapper';
+
+-- From sql/keys.sql:
+-- Per-key and service aggregates: what each shared key did per business day and
+-- month across users, and the same for the whole service.
+--
+-- Only applies (the background applier, apply_pending_deltas()) write these
+-- rows: every call of a key touches its row, so a statement that folds its own
+-- calls (immediate mode, corrections) appends its deltas to pending_key_deltas
+-- instead, and never waits for another session. Every reader below adds what is
+-- pending, so it is exact at any moment.
+
+-- ---------------------------------------------------------------------------
+-- Tables.
+-- ---------------------------------------------------------------------------
+CREATE TABLE usage_agg.key_daily_logs (
+    shared_key_id uuid        NOT NULL,
+    date          date        NOT NULL,
+    log_data      jsonb       NOT NULL,
+    last_modified timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT key_daily_logs_pkey PRIMARY KEY (shared_key_id, date)
+) WITH (fillfactor = 70);  -- room for HOT updates: every apply rewrites the row
+CREATE INDEX key_daily_logs_date ON usage_agg.key_daily_logs (date);
+COMMENT ON TABLE usage_agg.key_daily_logs IS
+    'Per shared key and business day, across users: calls, failures, tokens, exact cost, by_model, users, last call and failure. Written by applies only; read through key_daily_usage (which adds pending calls).';
+
+CREATE TABLE usage_agg.key_monthly_logs (
+    shared_key_id uuid        NOT NULL,
+    month         date        NOT NULL,
+    log_data      jsonb       NOT NULL,
+    last_modified timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT key_monthly_logs_month_is_first_day CHECK (extract(day FROM month) = 1),
+    CONSTRAINT key_monthly_logs_pkey PRIMARY KEY (shared_key_id, month)
+);
+COMMENT ON TABLE usage_agg.key_monthly_logs IS
+    'Per shared key and calendar month: key_daily_logs rows older than daily_retention, rolled up (no distinct users).';
+
+CREATE TABLE usage_agg.service_daily_logs (
+    date          date        NOT NULL,
+    log_data      jsonb       NOT NULL,
+    last_modified timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT service_daily_logs_pkey PRIMARY KEY (date)
+) WITH (fillfactor = 70);
+COMMENT ON TABLE usage_agg.service_daily_logs IS
+    'Every call of a business day (with or without a key): the layout of key_daily_logs; users are the day''s active users.';
+
+CREATE TABLE usage_agg.service_monthly_logs (
+    month         date        NOT NULL,
+    log_data      jsonb       NOT NULL,
+    last_modified timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT service_monthly_logs_month_is_first_day CHECK (extract(day FROM month) = 1),
+    CONSTRAINT service_monthly_logs_pkey PRIMARY KEY (month)
+);
+COMMENT ON TABLE usage_agg.service_monthly_logs IS
+    'Every call of a calendar month: service_daily_logs rows older than daily_retention, rolled up.';
+
+-- Deltas of statements that folded their own calls into daily_logs, for the
+-- next apply: one row per (key, day) a statement touched; shared_key_id NULL is
+-- the service row. id orders them as they were appended.
+CREATE TABLE usage_agg.pending_key_deltas (
+    id                      bigint      GENERATED ALWAYS AS IDENTITY,
+    shared_key_id           uuid,
+    day                     date        NOT NULL,
+    delta                   jsonb       NOT NULL,
+    removed_last_at         timestamptz,
+    removed_last_failure_at timestamptz,
+    appended_at             timestamptz NOT NULL DEFAULT now()
+) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
+        autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000);
+CREATE INDEX pending_key_deltas_key_day ON usage_agg.pending_key_deltas (shared_key_id, day);
+COMMENT ON TABLE usage_agg.pending_key_deltas IS
+    'Per-key (and, with shared_key_id NULL, service) deltas of statements that folded their own calls; folded into key_daily_logs and service_daily_logs by the next apply; readers include them.';
+
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.key_daily_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.key_monthly_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.service_daily_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.service_monthly_logs', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.pending_key_deltas', '');
+-- Its ids order the deltas: a restore continues after the restored ones.
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.pending_key_deltas_id_seq', '');
+
+-- Days roll up into months without users (they do not add up over days).
+CREATE FUNCTION usage_agg._rollup_month_add(month jsonb, day jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN usage_agg._rollup_add(month, day, false);
+
+CREATE AGGREGATE usage_agg._rollup_month(jsonb) (
+    SFUNC = usage_agg._rollup_month_add,
+    STYPE = jsonb,
+    INITCOND = '{}'
+);
+
+-- The newest call (p_failed: failed call) of a key's business day in the
+-- detail, or of the whole service's (p_key NULL): where a correction removed the
+-- stored newest one. A string body, so that views calling it do not depend on
+-- key_usage_logs (the detail table can be swapped for a partitioned one).
+CREATE FUNCTION usage_agg._detail_newest(p_key uuid, p_day date, p_failed boolean)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT x.created_at FROM usage_agg.key_usage_logs x
+     WHERE x.created_at >= usage_agg._day_start(p_day, usage_agg._timezone())
+       AND x.created_at <  usage_agg._day_start(p_day + 1, usage_agg._timezone())
+       AND (p_key IS NULL OR x.shared_key_id = p_key)
+       AND (NOT p_failed OR NOT x.success)
+     ORDER BY x.created_at DESC LIMIT 1
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Flat views for BI tools, exact: the stored rows plus every pending call.
+-- ---------------------------------------------------------------------------
+
+-- Per key and day. The three sources: stored rows, deltas of statements that
+-- folded their own calls, and calls waiting in pending_deltas (whose users are
+-- counted when their day row does not list the key yet). Where a pending
+-- correction removed the newest call, the newest is read from the detail.
+CREATE VIEW usage_agg.key_daily_usage AS
+WITH parts AS (
+    SELECT k.shared_key_id, k.date,
+           (k.log_data->>'total_calls')::bigint AS calls,
+           (k.log_data->>'successful_calls')::bigint AS successful,
+           (k.log_data->>'failed_calls')::bigint AS failed,
+           (k.log_data->>'tokens_used')::bigint AS tokens,
+           (k.log_data->>'estimated_cost')::numeric AS cost,
+           (k.log_data->>'users')::bigint AS users,
+           (k.log_data->>'last_call_at')::timestamptz AS last_at,
+           (k.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
+           NULL::timestamptz AS removed_last_at,
+           NULL::timestamptz AS removed_last_failure_at
+      FROM usage_agg.key_daily_logs k
+    UNION ALL
+    SELECT q.shared_key_id, q.day,
+           (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
+           (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
+           (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
+           (q.delta->>'last_call_at')::timestamptz, (q.delta->>'last_failure_at')::timestamptz,
+           q.removed_last_at, q.removed_last_failure_at
+      FROM usage_agg.pending_key_deltas q
+     WHERE q.shared_key_id IS NOT NULL
+    UNION ALL
+    -- day + 0: a filter on the day must not walk the (user_id, day) index,
+    -- which after a burst of calls holds many dead entries; the table itself is
+    -- small once applied (vacuum truncates it).
+    SELECT p.shared_key_id, p.day + 0, sum(p.calls), sum(p.successful), sum(p.calls - p.successful),
+           sum(p.tokens), sum(p.cost),
+           count(DISTINCT p.user_id) FILTER (WHERE NOT EXISTS (
+               SELECT 1 FROM usage_agg.daily_logs d
+                WHERE d.user_id = p.user_id AND d.date = p.day
+                  AND d.log_data->'shared_service_usage'->'by_key' ? p.shared_key_id::text)),
+           max(p.last_at), max(p.last_failure_at), NULL, NULL
+      FROM usage_agg.pending_deltas p
+     WHERE p.shared_key_id IS NOT NULL
+     GROUP BY p.shared_key_id, p.day + 0
+), summed AS (
+    SELECT s.shared_key_id, s.date,
+           sum(s.calls)::bigint AS calls, sum(s.successful)::bigint AS successful,
+           sum(s.failed)::bigint AS failed, sum(s.tokens)::bigint AS tokens,
+           sum(s.cost) AS cost, sum(s.users)::bigint AS users,
+           max(s.last_at) AS last_at, max(s.last_failure_at) AS last_failure_at,
+           max(s.removed_last_at) AS removed_last_at,
+           max(s.removed_last_failure_at) AS removed_last_failure_at
+      FROM parts s
+     GROUP BY s.shared_key_id, s.date
+)
+SELECT s.shared_key_id, s.date,
+       s.calls, s.successful AS successful_calls, s.failed AS failed_calls,
+       s.tokens AS tokens_used, s.cost AS estimated_cost, s.users,
+       CASE WHEN s.removed_last_at IS NOT NULL AND NOT COALESCE(s.last_at > s.removed_last_at, false)
+            THEN usage_agg._detail_newest(s.shared_key_id, s.date, false)
+            ELSE s.last_at END AS last_call_at,
+       CASE WHEN s.removed_last_failure_at IS NOT NULL AND NOT COALESCE(s.last_failure_at > s.removed_last_failure_at, false)
+            THEN usage_agg._detail_newest(s.shared_key_id, s.date, true)
+            ELSE s.last_failure_at END AS last_failure_at
+  FROM summed s;
+COMMENT ON VIEW usage_agg.key_daily_usage IS
+    'Usage per shared key and business day across users (exact: pending calls included); users = distinct users of the key that day';
+
+-- The whole service per day: every call, with or without a key.
+CREATE VIEW usage_agg.service_daily_usage AS
+WITH parts AS (
+    SELECT s.date,
+           (s.log_data->>'total_calls')::bigint AS calls,
+           (s.log_data->>'successful_calls')::bigint AS successful,
+           (s.log_data->>'failed_calls')::bigint AS failed,
+           (s.log_data->>'tokens_used')::bigint AS tokens,
+           (s.log_data->>'estimated_cost')::numeric AS cost,
+           (s.log_data->>'users')::bigint AS users,
+           (s.log_data->>'last_call_at')::timestamptz AS last_at,
+           (s.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
+           NULL::timestamptz AS removed_last_at,
+           NULL::timestamptz AS removed_last_failure_at
+      FROM usage_agg.service_daily_logs s
+    UNION ALL
+    SELECT q.day,
+           (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
+           (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
+           (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
+           (q.delta->>'last_call_at')::timestamptz, (q.delta->>'last_failure_at')::timestamptz,
+           q.removed_last_at, q.removed_last_failure_at
+      FROM usage_agg.pending_key_deltas q
+     WHERE q.shared_key_id IS NULL
+    UNION ALL
+    -- day + 0: as in key_daily_usage.
+    SELECT p.day + 0, sum(p.calls), sum(p.successful), sum(p.calls - p.successful),
+           sum(p.tokens), sum(p.cost),
+           count(DISTINCT p.user_id) FILTER (WHERE NOT EXISTS (
+               SELECT 1 FROM usage_agg.daily_logs d
+                WHERE d.user_id = p.user_id AND d.date = p.day
+                  AND d.log_data->'api_call_count' > '0'::jsonb)),
+           max(p.last_at), max(p.last_failure_at), NULL, NULL
+      FROM usage_agg.pending_deltas p
+     GROUP BY p.day + 0
+), summed AS (
+    SELECT s.date,
+           sum(s.calls)::bigint AS calls, sum(s.successful)::bigint AS successful,
+           sum(s.failed)::bigint AS failed, sum(s.tokens)::bigint AS tokens,
+           sum(s.cost) AS cost, sum(s.users)::bigint AS users,
+           max(s.last_at) AS last_at, max(s.last_failure_at) AS last_failure_at,
+           max(s.removed_last_at) AS removed_last_at,
+           max(s.removed_last_failure_at) AS removed_last_failure_at
+      FROM parts s
+     GROUP BY s.date
+)
+SELECT s.date,
+       s.calls, s.successful AS successful_calls, s.failed AS failed_calls,
+       s.tokens AS tokens_used, s.cost AS estimated_cost, s.users AS active_users,
+       CASE WHEN s.removed_last_at IS NOT NULL AND NOT COALESCE(s.last_at > s.removed_last_at, false)
+            THEN usage_agg._detail_newest(NULL, s.date, false)
+            ELSE s.last_at END AS last_call_at,
+       CASE WHEN s.removed_last_failure_at IS NOT NULL AND NOT COALESCE(s.last_failure_at > s.removed_last_failure_at, false)
+            THEN usage_agg._detail_newest(NULL, s.date, true)
+            ELSE s.last_failure_at END AS last_failure_at
+  FROM summed s;
+COMMENT ON VIEW usage_agg.service_daily_usage IS
+    'Usage of the whole service per business day (every call, with or without a key; exact: pending calls included); active_users = distinct users with calls that day';
+
+-- Per key, day and model.
+CREATE VIEW usage_agg.key_daily_usage_by_model AS
+SELECT u.shared_key_id, u.date, u.model,
+       sum(u.calls)::bigint AS calls, sum(u.failed)::bigint AS failed_calls,
+       sum(u.tokens)::bigint AS tokens_used, sum(u.cost) AS estimated_cost
+  FROM (SELECT k.shared_key_id, k.date, c.key AS model,
+               (c.value->>'calls')::bigint AS calls, (c.value->>'failed')::bigint AS failed,
+               (c.value->>'tokens')::bigint AS tokens, (c.value->>'cost')::numeric AS cost
+          FROM usage_agg.key_daily_logs k CROSS JOIN LATERAL jsonb_each(k.log_data->'by_model') c
+        UNION ALL
+        SELECT q.shared_key_id, q.day, c.key,
+               (c.value->>'calls')::bigint, (c.value->>'failed')::bigint,
+               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+          FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL jsonb_each(q.delta->'by_model') c
+         WHERE q.shared_key_id IS NOT NULL
+        UNION ALL
+        SELECT p.shared_key_id, p.day + 0, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost
+          FROM usage_agg.pending_deltas p
+         WHERE p.shared_key_id IS NOT NULL AND p.model_used IS NOT NULL) u
+ GROUP BY u.shared_key_id, u.date, u.model
+HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0;
+COMMENT ON VIEW usage_agg.key_daily_usage_by_model IS
+    'Usage per shared key, business day and model (exact: pending calls included)';
+
+-- Per key and month: rolled-up months plus the days not rolled up yet.
+CREATE VIEW usage_agg.key_monthly_usage AS
+SELECT u.shared_key_id, u.month,
+       sum(u.calls)::bigint AS calls, sum(u.successful_calls)::bigint AS successful_calls,
+       sum(u.failed_calls)::bigint AS failed_calls, sum(u.tokens_used)::bigint AS tokens_used,
+       sum(u.estimated_cost) AS estimated_cost,
+       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at
+  FROM (SELECT m.shared_key_id, m.month,
+               (m.log_data->>'total_calls')::bigint AS calls,
+               (m.log_data->>'successful_calls')::bigint AS successful_calls,
+               (m.log_data->>'failed_calls')::bigint AS failed_calls,
+               (m.log_data->>'tokens_used')::bigint AS tokens_used,
+               (m.log_data->>'estimated_cost')::numeric AS estimated_cost,
+               (m.log_data->>'last_call_at')::timestamptz AS last_call_at,
+               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at
+          FROM usage_agg.key_monthly_logs m
+        UNION ALL
+        SELECT d.shared_key_id, date_trunc('month', d.date::timestamp)::date,
+               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost,
+               d.last_call_at, d.last_failure_at
+          FROM usage_agg.key_daily_usage d) u
+ GROUP BY u.shared_key_id, u.month;
+COMMENT ON VIEW usage_agg.key_monthly_usage IS
+    'Usage per shared key and calendar month (business time zone): key_monthly_logs plus the days not rolled up yet; no distinct users';
+
+CREATE VIEW usage_agg.service_monthly_usage AS
+SELECT u.month,
+       sum(u.calls)::bigint AS calls, sum(u.successful_calls)::bigint AS successful_calls,
+       sum(u.failed_calls)::bigint AS failed_calls, sum(u.tokens_used)::bigint AS tokens_used,
+       sum(u.estimated_cost) AS estimated_cost,
+       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at
+  FROM (SELECT m.month,
+               (m.log_data->>'total_calls')::bigint AS calls,
+               (m.log_data->>'successful_calls')::bigint AS successful_calls,
+               (m.log_data->>'failed_calls')::bigint AS failed_calls,
+               (m.log_data->>'tokens_used')::bigint AS tokens_used,
+               (m.log_data->>'estimated_cost')::numeric AS estimated_cost,
+               (m.log_data->>'last_call_at')::timestamptz AS last_call_at,
+               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at
+          FROM usage_agg.service_monthly_logs m
+        UNION ALL
+        SELECT date_trunc('month', d.date::timestamp)::date,
+               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost,
+               d.last_call_at, d.last_failure_at
+          FROM usage_agg.service_daily_usage d) u
+ GROUP BY u.month;
+COMMENT ON VIEW usage_agg.service_monthly_usage IS
+    'Usage of the whole service per calendar month: service_monthly_logs plus the days not rolled up yet';
+
+-- Key health for an admin page or a dashboard panel: one row per key ever
+-- seen, today and this month in the business time zone.
+CREATE VIEW usage_agg.key_health AS
+WITH today AS MATERIALIZED (  -- once, not per row
+    SELECT t.day, date_trunc('month', t.day::timestamp)::date AS month
+      FROM (SELECT (now() AT TIME ZONE usage_agg._timezone())::date AS day) t
+), rows AS (
+    -- One pass: every day not rolled up (pending included), and the months.
+    SELECT d.shared_key_id, d.date, d.calls, d.failed_calls, d.users, d.last_call_at, d.last_failure_at
+      FROM usage_agg.key_daily_usage d
+    UNION ALL
+    SELECT m.shared_key_id, m.month, (m.log_data->>'total_calls')::bigint, (m.log_data->>'failed_calls')::bigint,
+           NULL, (m.log_data->>'last_call_at')::timestamptz, (m.log_data->>'last_failure_at')::timestamptz
+      FROM usage_agg.key_monthly_logs m
+), per_key AS (
+    SELECT r.shared_key_id,
+           sum(r.calls) FILTER (WHERE r.date = t.day) AS calls_today,
+           sum(r.failed_calls) FILTER (WHERE r.date = t.day) AS failed_today,
+           sum(r.users) FILTER (WHERE r.date = t.day) AS users_today,
+           sum(r.calls) FILTER (WHERE r.date >= t.month) AS calls_this_month,
+           sum(r.failed_calls) FILTER (WHERE r.date >= t.month) AS failed_this_month,
+           max(r.last_call_at) AS last_call_at,
+           max(r.last_failure_at) AS last_failure_at
+      FROM rows r, today t
+     GROUP BY r.shared_key_id
+)
+SELECT k.shared_key_id,
+       COALESCE(k.calls_today, 0)::bigint AS calls_today,
+       COALESCE(k.failed_today, 0)::bigint AS failed_today,
+       CASE WHEN COALESCE(k.calls_today, 0) > 0 THEN round(k.failed_today::numeric / k.calls_today, 4) END AS failure_rate_today,
+       COALESCE(k.calls_this_month, 0)::bigint AS calls_this_month,
+       COALESCE(k.failed_this_month, 0)::bigint AS failed_this_month,
+       CASE WHEN COALESCE(k.calls_this_month, 0) > 0
+            THEN round(k.failed_this_month::numeric / k.calls_this_month, 4) END AS failure_rate_this_month,
+       COALESCE(k.users_today, 0)::bigint AS users_today,
+       k.last_call_at,
+       k.last_failure_at
+  FROM per_key k;
+COMMENT ON VIEW usage_agg.key_health IS
+    'Per shared key: calls, failures and failure rate today and this month, users today, last call and last failure (exact)';
+
+-- ---------------------------------------------------------------------------
+-- Reads.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION usage_agg._check_at(p_at timestamptz) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_at IS NULL OR NOT isfinite(p_at) THEN
+        RAISE EXCEPTION 'usage_agg: at must be a finite timestamp'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('at = %s', COALESCE(p_at::text, 'NULL')),
+                  HINT = 'Leave it out for now().';
+    END IF;
+END;
+$$;
+
+-- One key in the windows today, month and all_time, as of the business day that
+-- contains `at`. users: distinct users today (months have none).
+CREATE FUNCTION usage_agg.key_usage_summary(shared_key_id uuid, at timestamptz DEFAULT now())
+RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, failure_rate numeric,
+               tokens bigint, cost numeric, users bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_day date;
+    v_month date;
+BEGIN
+    IF $1 IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: shared_key_id must not be NULL'
+            USING ERRCODE = 'null_value_not_allowed',
+                  HINT = 'Calls without a key are counted in usage_agg.usage_overview().';
+    END IF;
+    PERFORM usage_agg._check_at($2);
+    v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
+    v_month := date_trunc('month', v_day::timestamp)::date;
+    -- One pass over the key's rows (what key_daily_usage adds up, without the
+    -- columns this does not return): days, pending deltas, pending calls (and
+    -- today's users among them not in their day rows yet), months.
+    RETURN QUERY
+    WITH parts AS (
+        SELECT k.date AS day, false AS is_month,
+               (k.log_data->>'total_calls')::bigint AS calls, (k.log_data->>'successful_calls')::bigint AS ok,
+               (k.log_data->>'failed_calls')::bigint AS failed, (k.log_data->>'tokens_used')::bigint AS tokens,
+               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users
+          FROM usage_agg.key_daily_logs k
+         WHERE k.shared_key_id = $1 AND k.date <= v_day
+        UNION ALL
+        SELECT q.day, false, (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
+               (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
+               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint
+          FROM usage_agg.pending_key_deltas q
+         WHERE q.shared_key_id = $1 AND q.day <= v_day
+        UNION ALL
+        -- day + 0: see key_daily_usage.
+        SELECT p.day, false, p.calls::bigint, p.successful::bigint, (p.calls - p.successful)::bigint, p.tokens, p.cost,
+               CASE WHEN p.day = v_day THEN 0 END
+          FROM usage_agg.pending_deltas p
+         WHERE p.shared_key_id = $1 AND p.day + 0 <= v_day
+        UNION ALL
+        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id)
+          FROM usage_agg.pending_deltas p
+         WHERE p.shared_key_id = $1 AND p.day + 0 = v_day
+           AND NOT EXISTS (SELECT 1 FROM usage_agg.daily_logs d
+                            WHERE d.user_id = p.user_id AND d.date = p.day
+                              AND d.log_data->'shared_service_usage'->'by_key' ? p.shared_key_id::text)
+        UNION ALL
+        SELECT m.month, true, (m.log_data->>'total_calls')::bigint, (m.log_data->>'successful_calls')::bigint,
+               (m.log_data->>'failed_calls')::bigint, (m.log_data->>'tokens_used')::bigint,
+               (m.log_data->>'estimated_cost')::numeric, NULL
+          FROM usage_agg.key_monthly_logs m
+         WHERE m.shared_key_id = $1 AND m.month <= v_month
+    ), sums AS (
+        SELECT sum(x.calls) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_calls,
+               sum(x.ok) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_ok,
+               sum(x.failed) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_failed,
+               sum(x.tokens) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_tokens,
+               sum(x.cost) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cost,
+               sum(x.users) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_users,
+               sum(x.calls) FILTER (WHERE x.day >= v_month) AS m_calls,
+               sum(x.ok) FILTER (WHERE x.day >= v_month) AS m_ok,
+               sum(x.failed) FILTER (WHERE x.day >= v_month) AS m_failed,
+               sum(x.tokens) FILTER (WHERE x.day >= v_month) AS m_tokens,
+               sum(x.cost) FILTER (WHERE x.day >= v_month) AS m_cost,
+               sum(x.calls) AS a_calls, sum(x.ok) AS a_ok, sum(x.failed) AS a_failed,
+               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost
+          FROM parts x
+    )
+    SELECT w.period, COALESCE(w.calls, 0)::bigint, COALESCE(w.ok, 0)::bigint, COALESCE(w.failed, 0)::bigint,
+           CASE WHEN COALESCE(w.calls, 0) > 0 THEN round(w.failed::numeric / w.calls, 4) END,
+           COALESCE(w.tokens, 0)::bigint, COALESCE(w.cost, 0),
+           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END
+      FROM sums s
+     CROSS JOIN LATERAL (VALUES
+           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users),
+           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL),
+           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL))
+           AS w(period, ord, calls, ok, failed, tokens, cost, users)
+     ORDER BY w.ord;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.key_usage_summary(uuid, timestamptz) IS
+    'One shared key today, this month and all time (business time zone), across users, exact with pending calls; users: distinct users today';
+
+-- The whole service in the same windows. active_users: distinct users with calls
+-- today; NULL for month and all_time (distinct users do not add up over days,
+-- and counting them exactly would read every user).
+CREATE FUNCTION usage_agg.usage_overview(at timestamptz DEFAULT now())
+RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, failure_rate numeric,
+               tokens bigint, cost numeric, active_users bigint)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_day date;
+    v_month date;
+BEGIN
+    PERFORM usage_agg._check_at($1);
+    v_day := ($1 AT TIME ZONE usage_agg._timezone())::date;
+    v_month := date_trunc('month', v_day::timestamp)::date;
+    -- One pass, as key_usage_summary does, over the service rows; users: the
+    -- day's active users.
+    RETURN QUERY
+    WITH parts AS (
+        SELECT k.date AS day, false AS is_month,
+               (k.log_data->>'total_calls')::bigint AS calls, (k.log_data->>'successful_calls')::bigint AS ok,
+               (k.log_data->>'failed_calls')::bigint AS failed, (k.log_data->>'tokens_used')::bigint AS tokens,
+               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users
+          FROM usage_agg.service_daily_logs k
+         WHERE k.date <= v_day
+        UNION ALL
+        SELECT q.day, false, (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
+               (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
+               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint
+          FROM usage_agg.pending_key_deltas q
+         WHERE q.shared_key_id IS NULL AND q.day <= v_day
+        UNION ALL
+        -- day + 0: see key_daily_usage.
+        SELECT p.day, false, p.calls::bigint, p.successful::bigint, (p.calls - p.successful)::bigint, p.tokens, p.cost,
+               CASE WHEN p.day = v_day THEN 0 END
+          FROM usage_agg.pending_deltas p
+         WHERE p.day + 0 <= v_day
+        UNION ALL
+        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id)
+          FROM usage_agg.pending_deltas p
+         WHERE p.day + 0 = v_day
+           AND NOT EXISTS (SELECT 1 FROM usage_agg.daily_logs d
+                            WHERE d.user_id = p.user_id AND d.date = p.day
+                              AND d.log_data->'api_call_count' > '0'::jsonb)
+        UNION ALL
+        SELECT m.month, true, (m.log_data->>'total_calls')::bigint, (m.log_data->>'successful_calls')::bigint,
+               (m.log_data->>'failed_calls')::bigint, (m.log_data->>'tokens_used')::bigint,
+               (m.log_data->>'estimated_cost')::numeric, NULL
+          FROM usage_agg.service_monthly_logs m
+         WHERE m.month <= v_month
+    ), sums AS (
+        SELECT sum(x.calls) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_calls,
+               sum(x.ok) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_ok,
+               sum(x.failed) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_failed,
+               sum(x.tokens) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_tokens,
+               sum(x.cost) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cost,
+               sum(x.users) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_users,
+               sum(x.calls) FILTER (WHERE x.day >= v_month) AS m_calls,
+               sum(x.ok) FILTER (WHERE x.day >= v_month) AS m_ok,
+               sum(x.failed) FILTER (WHERE x.day >= v_month) AS m_failed,
+               sum(x.tokens) FILTER (WHERE x.day >= v_month) AS m_tokens,
+               sum(x.cost) FILTER (WHERE x.day >= v_month) AS m_cost,
+               sum(x.calls) AS a_calls, sum(x.ok) AS a_ok, sum(x.failed) AS a_failed,
+               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost
+          FROM parts x
+    )
+    SELECT w.period, COALESCE(w.calls, 0)::bigint, COALESCE(w.ok, 0)::bigint, COALESCE(w.failed, 0)::bigint,
+           CASE WHEN COALESCE(w.calls, 0) > 0 THEN round(w.failed::numeric / w.calls, 4) END,
+           COALESCE(w.tokens, 0)::bigint, COALESCE(w.cost, 0),
+           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END
+      FROM sums s
+     CROSS JOIN LATERAL (VALUES
+           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users),
+           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL),
+           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL))
+           AS w(period, ord, calls, ok, failed, tokens, cost, users)
+     ORDER BY w.ord;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.usage_overview(timestamptz) IS
+    'The whole service today, this month and all time (business time zone), every call with or without a key, exact with pending calls; active_users today';
+
+-- ---------------------------------------------------------------------------
+-- Verification and rebuild from the detail.
+-- ---------------------------------------------------------------------------
+
+-- What the per-key (shared_key_id set) and service (NULL) rows of [p_from, p_to]
+-- must hold: a GROUP BY over key_usage_logs, in the columns of the views.
+CREATE FUNCTION usage_agg._key_days_from_detail(p_from date, p_to date)
+RETURNS TABLE (shared_key_id uuid, date date, log_data jsonb)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH tz AS (
+        SELECT usage_agg._timezone() AS name
+    ), calls AS (
+        SELECT k.shared_key_id, (k.created_at AT TIME ZONE tz.name)::date AS day, k.user_id,
+               k.model_used, k.success, k.tokens_used, k.cost_estimate, k.created_at
+          FROM usage_agg.key_usage_logs k, tz
+         WHERE k.created_at >= usage_agg._day_start(p_from, tz.name)
+           AND k.created_at <  usage_agg._day_start(p_to + 1, tz.name)
+    ), scoped AS (
+        SELECT c.shared_key_id AS scope_key, c.* FROM calls c WHERE c.shared_key_id IS NOT NULL
+        UNION ALL
+        SELECT NULL::uuid, c.* FROM calls c
+    ), per_day AS (
+        SELECT s.scope_key, s.day,
+               count(*) AS calls, count(*) FILTER (WHERE s.success) AS successful,
+               COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost,
+               count(DISTINCT s.user_id) AS users, max(s.created_at) AS last_at,
+               max(s.created_at) FILTER (WHERE NOT s.success) AS last_failure_at
+          FROM scoped s GROUP BY s.scope_key, s.day
+    ), per_model AS (
+        SELECT m.scope_key, m.day,
+               jsonb_object_agg(m.model_used, jsonb_build_object(
+                   'calls', m.calls, 'failed', m.failed, 'tokens', m.tokens, 'cost', m.cost)) AS by_model
+          FROM (SELECT s.scope_key, s.day, s.model_used, count(*) AS calls,
+                       count(*) FILTER (WHERE NOT s.success) AS failed,
+                       COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost
+                  FROM scoped s WHERE s.model_used IS NOT NULL
+                 GROUP BY s.scope_key, s.day, s.model_used) m
+         GROUP BY m.scope_key, m.day
+    )
+    SELECT d.scope_key, d.day,
+           jsonb_build_object(
+               'total_calls', d.calls, 'successful_calls', d.successful,
+               'failed_calls', d.calls - d.successful, 'tokens_used', d.tokens,
+               'estimated_cost', d.cost, 'users', d.users,
+               'by_model', COALESCE(m.by_model, '{}'::jsonb),
+               'last_call_at', usage_agg._iso_utc(d.last_at),
+               'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+      FROM per_day d
+      LEFT JOIN per_model m ON m.scope_key IS NOT DISTINCT FROM d.scope_key AND m.day = d.day
+$$;
+
+-- Every (key, date, field) in [p_from, p_to] where the per-key aggregates (with
+-- pending calls) and a GROUP BY over key_usage_logs disagree; shared_key_id NULL
+-- is the service row. No rows: consistent. Days whose detail expired are skipped.
+CREATE FUNCTION usage_agg.verify_key_daily_logs(p_from date, p_to date)
+RETURNS TABLE (shared_key_id uuid, date date, field text, aggregate_value jsonb, detail_value jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_from date;
+BEGIN
+    PERFORM usage_agg._check_day_range(p_from, p_to);
+    v_from := greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+    IF v_from > p_to THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH expected AS (
+        SELECT e.shared_key_id, e.date, e.log_data FROM usage_agg._key_days_from_detail(v_from, p_to) e
+    ), models AS (
+        SELECT m.shared_key_id, m.date,
+               jsonb_object_agg(m.model, jsonb_build_object('calls', m.calls, 'failed', m.failed_calls,
+                                'tokens', m.tokens_used, 'cost', m.estimated_cost)) AS by_model
+          FROM usage_agg.key_daily_usage_by_model m
+         WHERE m.date BETWEEN v_from AND p_to
+         GROUP BY m.shared_key_id, m.date
+    ), service_models AS (
+        SELECT m.date,
+               jsonb_object_agg(m.model, jsonb_build_object('calls', m.calls, 'failed', m.failed,
+                                'tokens', m.tokens, 'cost', m.cost)) AS by_model
+          FROM (SELECT u.date, u.model, sum(u.calls) AS calls, sum(u.failed) AS failed,
+                       sum(u.tokens) AS tokens, sum(u.cost) AS cost
+                  FROM (SELECT s.date, c.key AS model, (c.value->>'calls')::bigint AS calls,
+                               (c.value->>'failed')::bigint AS failed, (c.value->>'tokens')::bigint AS tokens,
+                               (c.value->>'cost')::numeric AS cost
+                          FROM usage_agg.service_daily_logs s CROSS JOIN LATERAL jsonb_each(s.log_data->'by_model') c
+                         WHERE s.date BETWEEN v_from AND p_to
+                        UNION ALL
+                        SELECT q.day, c.key, (c.value->>'calls')::bigint, (c.value->>'failed')::bigint,
+                               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+                          FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL jsonb_each(q.delta->'by_model') c
+                         WHERE q.shared_key_id IS NULL AND q.day BETWEEN v_from AND p_to
+                        UNION ALL
+                        SELECT p.day, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost
+                          FROM usage_agg.pending_deltas p
+                         WHERE p.model_used IS NOT NULL AND p.day BETWEEN v_from AND p_to) u
+                 GROUP BY u.date, u.model
+                HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0) m
+         GROUP BY m.date
+    ), stored AS (
+        SELECT d.shared_key_id, d.date,
+               jsonb_build_object(
+                   'total_calls', d.calls, 'successful_calls', d.successful_calls,
+                   'failed_calls', d.failed_calls, 'tokens_used', d.tokens_used,
+                   'estimated_cost', d.estimated_cost, 'users', d.users,
+                   'by_model', COALESCE(m.by_model, '{}'::jsonb),
+                   'last_call_at', usage_agg._iso_utc(d.last_call_at),
+                   'last_failure_at', usage_agg._iso_utc(d.last_failure_at)) AS log_data
+          FROM usage_agg.key_daily_usage d
+          LEFT JOIN models m ON m.shared_key_id = d.shared_key_id AND m.date = d.date
+         WHERE d.date BETWEEN v_from AND p_to
+        UNION ALL
+        SELECT NULL::uuid, d.date,
+               jsonb_build_object(
+                   'total_calls', d.calls, 'successful_calls', d.successful_calls,
+                   'failed_calls', d.failed_calls, 'tokens_used', d.tokens_used,
+                   'estimated_cost', d.estimated_cost, 'users', d.active_users,
+                   'by_model', COALESCE(m.by_model, '{}'::jsonb),
+                   'last_call_at', usage_agg._iso_utc(d.last_call_at),
+                   'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+          FROM usage_agg.service_daily_usage d
+          LEFT JOIN service_models m ON m.date = d.date
+         WHERE d.date BETWEEN v_from AND p_to
+    ), pairs AS (
+        SELECT COALESCE(s.shared_key_id, e.shared_key_id) AS shared_key_id,
+               COALESCE(s.date, e.date) AS date,
+               COALESCE(s.log_data, usage_agg._empty_key_log_data()) AS a,
+               COALESCE(e.log_data, usage_agg._empty_key_log_data()) AS x
+          FROM stored s
+          FULL JOIN expected e ON e.shared_key_id IS NOT DISTINCT FROM s.shared_key_id AND e.date = s.date
+    )
+    SELECT p.shared_key_id, p.date, f.field, p.a->f.field, p.x->f.field
+      FROM pairs p
+     CROSS JOIN LATERAL (VALUES ('total_calls'), ('successful_calls'), ('failed_calls'), ('tokens_used'),
+                                ('estimated_cost'), ('users'), ('by_model'), ('last_call_at'),
+                                ('last_failure_at')) AS f(field)
+     WHERE (p.a->f.field) IS DISTINCT FROM (p.x->f.field)
+     ORDER BY p.date, p.shared_key_id NULLS FIRST, f.field;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.verify_key_daily_logs(date, date) IS
+    'Lists every (key, date, field) where the per-key aggregates (shared_key_id NULL: the service overview), pending calls included, disagree with a GROUP BY over key_usage_logs; empty means consistent. Days whose detail has expired are skipped.';
+
+CREATE FUNCTION usage_agg._empty_key_log_data() RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+RETURN '{"total_calls": 0, "successful_calls": 0, "failed_calls": 0, "tokens_used": 0,
+         "estimated_cost": 0, "users": 0, "by_model": {}, "last_call_at": null,
+         "last_failure_at": null}'::jsonb;
+
+-- Recomputes the per-key and service rows of one day from the detail (called
+-- by rebuild_daily_logs, which holds detail writers off). Pending deltas of the
+-- day are dropped: the detail has their calls. Returns the rows written.
+CREATE FUNCTION usage_agg._rebuild_key_day(p_day date)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_n bigint;
+    v_m bigint;
+BEGIN
+    -- Waits for an apply taking pending per-key deltas (see src/keys.rs).
+    PERFORM pg_advisory_xact_lock(8463215221469571952);
+    DELETE FROM usage_agg.pending_key_deltas q WHERE q.day = p_day;
+    WITH expected AS (
+        SELECT e.shared_key_id, e.log_data FROM usage_agg._key_days_from_detail(p_day, p_day) e
+    ), keys AS (
+        INSERT INTO usage_agg.key_daily_logs AS k (shared_key_id, date, log_data, last_modified)
+        SELECT e.shared_key_id, p_day, e.log_data, now() FROM expected e WHERE e.shared_key_id IS NOT NULL
+        ON CONFLICT (shared_key_id, date) DO UPDATE
+           SET log_data = EXCLUDED.log_data, last_modified = EXCLUDED.last_modified
+         WHERE k.log_data IS DISTINCT FROM EXCLUDED.log_data
+        RETURNING 1
+    ), service AS (
+        INSERT INTO usage_agg.service_daily_logs AS s (date, log_data, last_modified)
+        SELECT p_day, e.log_data, now() FROM expected e WHERE e.shared_key_id IS NULL
+        ON CONFLICT (date) DO UPDATE
+           SET log_data = EXCLUDED.log_data, last_modified = EXCLUDED.last_modified
+         WHERE s.log_data IS DISTINCT FROM EXCLUDED.log_data
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM keys) + (SELECT count(*) FROM service) INTO v_n;
+    -- Rows the detail no longer has.
+    WITH expected AS (
+        SELECT e.shared_key_id FROM usage_agg._key_days_from_detail(p_day, p_day) e
+    ), gone_keys AS (
+        DELETE FROM usage_agg.key_daily_logs k
+         WHERE k.date = p_day
+           AND NOT EXISTS (SELECT 1 FROM expected e WHERE e.shared_key_id = k.shared_key_id)
+        RETURNING 1
+    ), gone_service AS (
+        DELETE FROM usage_agg.service_daily_logs s
+         WHERE s.date = p_day
+           AND NOT EXISTS (SELECT 1 FROM expected e WHERE e.shared_key_id IS NULL)
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM gone_keys) + (SELECT count(*) FROM gone_service) INTO v_m;
+    RETURN v_n + v_m;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Per-key and service days from the users' daily rows, for days without
+-- detail (the update from 0.3.0, import_legacy): per key, calls, tokens and
+-- cost come from the users' by_key cells and users from who has the key; what
+-- those documents never held (successful and failed calls per key, models per
+-- key, the times of the last call and failure) is null, and "recovered_from"
+-- says where the row came from. The service row has every user total; its
+-- models lack failures. Days that have a service row already are left alone
+-- (their per-key rows exist). Returns the rows written.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION usage_agg._key_days_from_users(p_before date)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_keys bigint;
+    v_service bigint;
+BEGIN
+    INSERT INTO usage_agg.key_daily_logs AS t (shared_key_id, date, log_data)
+    SELECT c.key::uuid, d.date,
+           jsonb_build_object(
+               'total_calls', sum((c.value->>'calls')::bigint), 'successful_calls', NULL, 'failed_calls', NULL,
+               'tokens_used', sum((c.value->>'tokens')::bigint), 'estimated_cost', sum((c.value->>'cost')::numeric),
+               'users', count(*), 'by_model', '{}'::jsonb, 'last_call_at', NULL, 'last_failure_at', NULL,
+               'recovered_from', 'daily_logs.by_key')
+      FROM usage_agg.daily_logs d
+     CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'by_key') = 'object'
+                                        THEN d.log_data->'shared_service_usage'->'by_key' ELSE '{}'::jsonb END) c
+     WHERE d.date < p_before
+       AND (c.value->>'calls')::bigint > 0
+       AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
+     GROUP BY c.key, d.date
+    ON CONFLICT (shared_key_id, date) DO UPDATE
+       SET log_data = usage_agg._rollup_add(t.log_data, EXCLUDED.log_data), last_modified = now();
+    GET DIAGNOSTICS v_keys = ROW_COUNT;
+
+    INSERT INTO usage_agg.service_daily_logs AS t (date, log_data)
+    SELECT d.date,
+           jsonb_build_object(
+               'total_calls', sum((d.log_data->>'api_call_count')::bigint),
+               'successful_calls', sum((d.log_data->'shared_service_usage'->>'successful_calls')::bigint),
+               'failed_calls', sum((d.log_data->'shared_service_usage'->>'failed_calls')::bigint),
+               'tokens_used', sum((d.log_data->'shared_service_usage'->>'tokens_used')::bigint),
+               'estimated_cost', sum((d.log_data->'shared_service_usage'->>'estimated_cost')::numeric),
+               'users', count(*) FILTER (WHERE d.log_data->'api_call_count' > '0'::jsonb),
+               'by_model', COALESCE((SELECT jsonb_object_agg(m.model, jsonb_build_object(
+                                            'calls', m.calls, 'failed', NULL, 'tokens', m.tokens, 'cost', m.cost))
+                                       FROM (SELECT c.key AS model, sum((c.value->>'calls')::bigint) AS calls,
+                                                    sum((c.value->>'tokens')::bigint) AS tokens,
+                                                    sum((c.value->>'cost')::numeric) AS cost
+                                               FROM usage_agg.daily_logs u
+                                              CROSS JOIN LATERAL jsonb_each(u.log_data->'shared_service_usage'->'by_model') c
+                                              WHERE u.date = d.date
+                                                AND jsonb_typeof(u.log_data->'shared_service_usage'->'by_model') = 'object'
+                                              GROUP BY c.key) m), '{}'::jsonb),
+               'last_call_at', usage_agg._iso_utc(max((d.log_data->>'last_api_call_at')::timestamptz)),
+               'last_failure_at', NULL,
+               'recovered_from', 'daily_logs')
+      FROM usage_agg.daily_logs d
+     WHERE d.date < p_before
+       AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
+     GROUP BY d.date
+    ON CONFLICT (date) DO UPDATE
+       SET log_data = usage_agg._rollup_add(t.log_data, EXCLUDED.log_data), last_modified = now();
+    GET DIAGNOSTICS v_service = ROW_COUNT;
+    RETURN v_keys + v_service;
+END;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- Retention: key and service days older than the daily horizon roll up into
+-- months, like users' days. Returns the rows moved.
+-- ---------------------------------------------------------------------------
+CREATE FUNCTION usage_agg._cleanup_key_days(target date)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH moved_keys AS (
+        DELETE FROM usage_agg.key_daily_logs d WHERE d.date < target
+        RETURNING d.shared_key_id, d.date, d.log_data
+    ), key_months AS (
+        INSERT INTO usage_agg.key_monthly_logs AS t (shared_key_id, month, log_data, last_modified)
+        SELECT m.shared_key_id, date_trunc('month', m.date::timestamp)::date,
+               usage_agg._rollup_month(m.log_data ORDER BY m.date), now()
+          FROM moved_keys m
+         GROUP BY 1, 2
+        ON CONFLICT (shared_key_id, month) DO UPDATE
+           SET log_data = usage_agg._rollup_add(t.log_data, EXCLUDED.log_data, false),
+               last_modified = EXCLUDED.last_modified
+        RETURNING 1
+    ), moved_service AS (
+        DELETE FROM usage_agg.service_daily_logs d WHERE d.date < target
+        RETURNING d.date, d.log_data
+    ), service_months AS (
+        INSERT INTO usage_agg.service_monthly_logs AS t (month, log_data, last_modified)
+        SELECT date_trunc('month', m.date::timestamp)::date,
+               usage_agg._rollup_month(m.log_data ORDER BY m.date), now()
+          FROM moved_service m
+         GROUP BY 1
+        ON CONFLICT (month) DO UPDATE
+           SET log_data = usage_agg._rollup_add(t.log_data, EXCLUDED.log_data, false),
+               last_modified = EXCLUDED.last_modified
+        RETURNING 1
+    )
+    -- Data-modifying CTEs run to completion whether or not they are read.
+    SELECT (SELECT count(*) FROM moved_keys) + (SELECT count(*) FROM moved_service)
+$$;
+
+CREATE OR REPLACE FUNCTION usage_agg.rebuild_daily_logs(p_from date, p_to date)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_day date;
+    v_written bigint := 0;
+    v_n bigint;
+    v_days_total integer;
+    v_started timestamptz := clock_timestamp();
+    v_tz text;
+    v_first date;
+    v_last date;
+BEGIN
+    PERFORM usage_agg._check_day_range(p_from, p_to);
+    -- Days whose detail has expired keep their aggregates: rebuilding them from
+    -- no detail would zero them.
+    v_day := (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h);
+    IF p_from < v_day THEN
+        RAISE NOTICE 'usage_agg.rebuild_daily_logs: days before % have no detail any more and are left as they are', v_day;
+        p_from := v_day;
+        IF p_from > p_to THEN
+            RETURN 0;
+        END IF;
+    END IF;
+    -- Hold detail writers off while recomputing, so no fold can interleave with the
+    -- recomputation of a day (reads keep working).
+    LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
+    -- Only days that hold something need work, so that a range of centuries
+    -- costs no more than the days in it that have data.
+    v_tz := usage_agg._timezone();
+    v_first := least(
+        (SELECT (min(k.created_at) AT TIME ZONE v_tz)::date FROM usage_agg.key_usage_logs k
+          WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
+        (SELECT min(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
+        (SELECT min(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to),
+        (SELECT min(q.date) FROM usage_agg.key_daily_logs q WHERE q.date BETWEEN p_from AND p_to));
+    v_last := greatest(
+        (SELECT (max(k.created_at) AT TIME ZONE v_tz)::date FROM usage_agg.key_usage_logs k
+          WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
+        (SELECT max(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
+        (SELECT max(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to),
+        (SELECT max(q.date) FROM usage_agg.key_daily_logs q WHERE q.date BETWEEN p_from AND p_to));
+    IF v_first IS NULL THEN
+        RETURN 0;
+    END IF;
+    p_from := greatest(p_from, v_first);
+    p_to := least(p_to, v_last);
+    v_days_total := p_to - p_from + 1;
+    v_day := p_from;
+    WHILE v_day <= p_to LOOP
+        -- Calls still pending for this day are in the detail too: drop them (waiting
+        -- for an apply_pending_deltas() that is applying some of them right now).
+        DELETE FROM usage_agg.pending_deltas p WHERE p.day = v_day;
+        -- Days the applier skipped are folded now, from the detail.
+        DELETE FROM usage_agg.fold_skipped s WHERE s.day = v_day;
+        WITH expected AS (
+            SELECT e.user_id, e.date, e.log_data FROM usage_agg._aggregates(v_day, v_day) e
+             WHERE e.source = 'detail'
+        ), upserted AS (
+            INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+            SELECT e.user_id, e.date, e.log_data, now() FROM expected e
+            ON CONFLICT (user_id, date) DO UPDATE
+               SET log_data = usage_agg._replace_owned(d.log_data, EXCLUDED.log_data),
+                   last_modified = EXCLUDED.last_modified
+             WHERE d.log_data IS DISTINCT FROM usage_agg._replace_owned(d.log_data, EXCLUDED.log_data)
+            RETURNING 1
+        ), emptied AS (
+            UPDATE usage_agg.daily_logs d
+               SET log_data = usage_agg._replace_owned(d.log_data, usage_agg._empty_log_data()),
+                   last_modified = now()
+             WHERE d.date = v_day
+               AND NOT EXISTS (SELECT 1 FROM expected e WHERE e.user_id = d.user_id)
+               AND d.log_data IS DISTINCT FROM usage_agg._replace_owned(d.log_data, usage_agg._empty_log_data())
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM upserted) + (SELECT count(*) FROM emptied) INTO v_n;
+        -- The day's per-key and service rows too (not counted: the result is
+        -- daily_logs rows, as before 0.4.0).
+        PERFORM usage_agg._rebuild_key_day(v_day);
+        v_written := v_written + v_n;
+        IF v_days_total > 1 THEN
+            RAISE NOTICE 'usage_agg.rebuild_daily_logs: % done, % rows written, % days left, % elapsed',
+                v_day, v_written, p_to - v_day, clock_timestamp() - v_started;
+        END IF;
+        v_day := v_day + 1;
+    END LOOP;
+    RETURN v_written;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.rebuild_daily_logs(date, date) IS
+    'Recomputes the usage_agg-owned fields of daily_logs, and the per-key and service rows, in a day range from key_usage_logs, keeping application keys; returns the daily_logs rows written';
+CREATE OR REPLACE FUNCTION usage_agg.cleanup_old_daily_logs(keep interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_begin record;
+    v_removed bigint := 0;
+    v_left bigint;
+    v_n bigint;
+    v_started timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO v_begin FROM usage_agg._cleanup_daily_begin(keep);
+    SELECT count(*) INTO v_left FROM usage_agg.daily_logs WHERE date < v_begin.target;
+    WHILE v_left > 0 LOOP
+        v_n := usage_agg._cleanup_daily_batch(v_begin.target, v_begin.batch);
+        EXIT WHEN v_n = 0;
+        v_removed := v_removed + v_n;
+        v_left := greatest(v_left - v_n, 0);
+        RAISE NOTICE 'usage_agg.cleanup_old_daily_logs: % rows rolled up and deleted, % left, % elapsed',
+            v_removed, v_left, clock_timestamp() - v_started;
+    END LOOP;
+    -- Per-key and service days (a row per key or service and day: no batches;
+    -- not counted, the result is daily_logs rows as before 0.4.0).
+    PERFORM usage_agg._cleanup_key_days(v_begin.target);
+    RETURN v_removed;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.cleanup_old_daily_logs(interval) IS
+    'Rolls daily_logs rows older than keep (default config.daily_retention) into monthly_logs and deletes them, in one transaction; only days whose detail has expired. Returns rows removed. CALL usage_agg.expire_daily_logs() does the same committing after every batch.';
+CREATE OR REPLACE PROCEDURE usage_agg.expire_daily_logs(keep interval DEFAULT NULL, INOUT removed bigint DEFAULT NULL)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_target date;
+    v_batch integer;
+    v_n bigint;
+    v_started timestamptz := pg_catalog.clock_timestamp();
+BEGIN
+    SELECT b.target, b.batch INTO v_target, v_batch FROM usage_agg._cleanup_daily_begin(keep) b;
+    removed := 0;
+    COMMIT;
+    LOOP
+        v_n := usage_agg._cleanup_daily_batch(v_target, v_batch);
+        EXIT WHEN v_n OPERATOR(pg_catalog.=) 0;
+        removed := removed OPERATOR(pg_catalog.+) v_n;
+        COMMIT;
+        RAISE NOTICE 'usage_agg.expire_daily_logs: % rows rolled up and deleted, % elapsed',
+            removed, pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) v_started;
+    END LOOP;
+    PERFORM usage_agg._cleanup_key_days(v_target);
+END;
+$$;
+COMMENT ON PROCEDURE usage_agg.expire_daily_logs(interval, bigint) IS
+    'cleanup_old_daily_logs as a procedure committing after every batch (CALL it outside a transaction block); removed: rows rolled up';
+CREATE OR REPLACE FUNCTION usage_agg.grant_read_role(role_name name) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg._check_role(role_name);
+    -- Identifiers go through %I (quote_ident); GRANT takes no parameters.
+    EXECUTE format('GRANT USAGE ON SCHEMA usage_agg TO %I', role_name);
+    EXECUTE format('GRANT SELECT ON usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs,
+                           usage_agg.pending_deltas, usage_agg.config, usage_agg.retention_horizon,
+                           usage_agg.quota_plans, usage_agg.quotas, usage_agg.quota_usage_logs,
+                           usage_agg.maintenance_runs, usage_agg.maintenance_health,
+                           usage_agg.fold_status, usage_agg.fold_skipped, usage_agg.restores,
+                           usage_agg.daily_usage, usage_agg.monthly_usage,
+                           usage_agg.daily_usage_by_model, usage_agg.daily_usage_by_key,
+                           usage_agg.monthly_usage_by_model, usage_agg.monthly_usage_by_key,
+                           usage_agg.key_daily_logs, usage_agg.key_monthly_logs,
+                           usage_agg.service_daily_logs, usage_agg.service_monthly_logs,
+                           usage_agg.pending_key_deltas,
+                           usage_agg.key_daily_usage, usage_agg.key_daily_usage_by_model,
+                           usage_agg.key_monthly_usage, usage_agg.key_health,
+                           usage_agg.service_daily_usage, usage_agg.service_monthly_usage
+                    TO %I', role_name);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.quota_status(uuid) TO %I', role_name);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.grant_read_role(name) IS
+    'Lets a role read usage_agg tables and views and call the read functions and quota_status';
+CREATE OR REPLACE VIEW usage_agg.maintenance_health AS
+SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.last_success_rows,
+       h.overdue_after, h.overdue, h.overdue OR NOT COALESCE(h.last_run_ok, true) AS alert
+  FROM (SELECT s.ord, s.step,
+               last_run.started AS last_run_at,
+               last_run.ok AS last_run_ok,
+               CASE WHEN s.step = 'post_restore' AND rs.restored_at IS NOT NULL
+                    THEN format('restored at %s: the restored days are counted twice until SELECT usage_agg.post_restore() runs (run_maintenance() runs it)', rs.restored_at)
+                    ELSE last_run.error END AS last_error,
+               last_ok.finished AS last_success_at,
+               last_ok.rows AS last_success_rows,
+               interval '25 hours' AS overdue_after,
+               CASE WHEN s.step = 'post_restore' THEN rs.restored_at IS NOT NULL
+                    ELSE (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') END AS overdue
+          FROM (VALUES (0, 'post_restore'), (1, 'apply_pending_deltas'), (2, 'verify_recent_days'),
+                       (3, 'cleanup_old_key_usage_logs'), (4, 'cleanup_old_daily_logs'), (5, 'reset_expired_quotas'))
+               AS s(ord, step)
+          CROSS JOIN (SELECT min(r.restored_at) AS restored_at FROM usage_agg.restores r WHERE r.healed_at IS NULL) rs
+          LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r
+                              WHERE r.step = s.step ORDER BY r.started DESC LIMIT 1) last_run ON true
+          LEFT JOIN LATERAL (SELECT r.finished, r.rows FROM usage_agg.maintenance_runs r
+                              WHERE r.step = s.step AND r.ok ORDER BY r.started DESC LIMIT 1) last_ok ON true
+        UNION ALL
+        SELECT 6, 'background_fold',
+               a.last_run_at,
+               CASE WHEN a.running THEN a.state = 'running' END,
+               CASE WHEN sk.days > 0 THEN sk.days || ' day(s) could not be folded: see usage_agg.fold_skipped'
+                    WHEN a.errors > 0 AND NOT a.running THEN 'the applier stopped after errors: see the server log'
+               END,
+               a.last_run_at,
+               a.applied_last_minute,
+               c.pending_alert_after,
+               COALESCE(p.oldest < now() - c.pending_alert_after, false) OR sk.days > 0
+          FROM usage_agg.config c
+         CROSS JOIN usage_agg._applier_state() a
+         CROSS JOIN (SELECT least((SELECT min(q.appended_at) FROM usage_agg.pending_deltas q),
+                             (SELECT min(q.appended_at) FROM usage_agg.pending_key_deltas q)) AS oldest) p
+         CROSS JOIN (SELECT count(*) AS days FROM usage_agg.fold_skipped) sk) h
+ ORDER BY h.ord;
+COMMENT ON VIEW usage_agg.maintenance_health IS
+    'Per maintenance step: last run, last success and its rows, overdue when no success within overdue_after (post_restore: while a restore waits to be healed), alert when overdue or the last run failed or found drift; background_fold: overdue when a call waits longer than config.pending_alert_after or a day could not be folded';
+CREATE OR REPLACE FUNCTION usage_agg.import_legacy(detail regclass, daily regclass)
+RETURNS TABLE (detail_rows_copied bigint, detail_rows_already_there bigint,
+               daily_rows_merged bigint, daily_rows_copied bigint,
+               detail_backup regclass, daily_backup regclass)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_columns text;
+    v_total bigint;
+    v_copied bigint;
+    v_tz text := usage_agg._timezone();
+    v_first date;
+    v_with_detail bigint := 0;
+    v_n bigint;
+    v_copied_days bigint := 0;
+    v_bad bigint;
+    v_detail_backup regclass;
+    v_daily_backup regclass;
+BEGIN
+    IF detail IS NULL OR daily IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: import_legacy needs the detail and the daily table'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'For example: SELECT * FROM usage_agg.import_legacy(''public.key_usage_logs'', ''public.daily_logs'');';
+    END IF;
+    IF detail IN ('usage_agg.key_usage_logs'::regclass, 'usage_agg.daily_logs'::regclass)
+       OR daily IN ('usage_agg.key_usage_logs'::regclass, 'usage_agg.daily_logs'::regclass) THEN
+        RAISE EXCEPTION 'usage_agg: import_legacy imports from tables of your own, not from usage_agg''s'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM usage_agg._require_columns(detail, ARRAY['user_id', 'created_at'], 'detail');
+    PERFORM usage_agg._require_columns(daily, ARRAY['user_id', 'date', 'log_data'], 'daily');
+
+    -- Nothing of the old tables is dropped or changed: they are copied aside first.
+    v_detail_backup := usage_agg._backup_table(detail);
+    v_daily_backup := usage_agg._backup_table(daily);
+
+    -- 1. The detail, every column the two tables share. The fold computes the
+    --    aggregates from it; a row already imported (same id or request_id) is
+    --    skipped, so a rerun counts nothing twice.
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) INTO v_columns
+      FROM pg_attribute a
+     WHERE a.attrelid = 'usage_agg.key_usage_logs'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+       AND EXISTS (SELECT 1 FROM pg_attribute l
+                    WHERE l.attrelid = detail AND l.attname = a.attname AND l.attnum > 0 AND NOT l.attisdropped);
+    EXECUTE format('SELECT count(*) FROM %s', detail) INTO v_total;
+    EXECUTE format('INSERT INTO usage_agg.key_usage_logs (%s) SELECT %s FROM %s ORDER BY created_at ON CONFLICT DO NOTHING',
+                   v_columns, v_columns, detail);
+    GET DIAGNOSTICS v_copied = ROW_COUNT;
+    PERFORM usage_agg.apply_pending_deltas();
+
+    -- 2. The daily rows. Days from the first day of the detail on keep the
+    --    aggregates the fold computed from it and take only the application's
+    --    keys from the old row; earlier days (their detail expired) are copied as
+    --    they are, once.
+    EXECUTE format('SELECT (min(created_at) AT TIME ZONE $1)::date FROM %s', detail)
+       INTO v_first USING v_tz;
+    EXECUTE format('SELECT count(*) FROM %s WHERE jsonb_typeof(log_data) IS DISTINCT FROM ''object''', daily) INTO v_bad;
+    IF v_bad > 0 THEN
+        RAISE EXCEPTION 'usage_agg: % rows of % have a log_data that is not a JSON object', v_bad, daily
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Fix or delete those rows, then run import_legacy again; nothing was imported.';
+    END IF;
+    IF v_first IS NOT NULL THEN
+        EXECUTE format(
+            'INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+             SELECT l.user_id, l.date, usage_agg._replace_owned(l.log_data, usage_agg._empty_log_data()), now()
+               FROM %s l WHERE l.date >= $1
+             ON CONFLICT (user_id, date) DO UPDATE
+                SET log_data = usage_agg._replace_owned(EXCLUDED.log_data, d.log_data)
+              WHERE d.log_data IS DISTINCT FROM usage_agg._replace_owned(EXCLUDED.log_data, d.log_data)', daily)
+        USING v_first;
+        EXECUTE format('SELECT count(*) FROM %s l WHERE l.date >= $1', daily) INTO v_with_detail USING v_first;
+    END IF;
+    EXECUTE format(
+        'INSERT INTO usage_agg.daily_logs (user_id, date, log_data, last_modified)
+         SELECT l.user_id, l.date, l.log_data, now()
+           FROM %s l WHERE $1::date IS NULL OR l.date < $1
+         ON CONFLICT (user_id, date) DO NOTHING', daily)
+    USING v_first;
+    GET DIAGNOSTICS v_copied_days = ROW_COUNT;
+    -- Their per-key and service days (the days with detail got theirs from the
+    -- fold of the copied detail).
+    PERFORM usage_agg._key_days_from_users(COALESCE(v_first, 'infinity'::date));
+
+    -- Days before the first day of the old detail have none any more: like days
+    -- the retention cleanup expired, verify_daily_logs skips them and
+    -- rebuild_daily_logs leaves them alone.
+    IF v_first IS NOT NULL AND NOT EXISTS (
+            SELECT 1 FROM usage_agg.key_usage_logs k WHERE k.created_at < usage_agg._day_start(v_first, v_tz)) THEN
+        UPDATE usage_agg.retention_horizon SET detail_kept_from = greatest(detail_kept_from, v_first);
+    END IF;
+
+    RAISE NOTICE 'usage_agg.import_legacy: % of % detail rows copied, % daily rows merged with detail, % copied as they were; backups % and %',
+        v_copied, v_total, v_with_detail, v_copied_days, v_detail_backup, v_daily_backup;
+    RETURN QUERY SELECT v_copied, v_total - v_copied, v_with_detail, v_copied_days, v_detail_backup, v_daily_backup;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.import_legacy(regclass, regclass) IS
+    'Moves a hand-written setup in: copies its detail (folded once), merges its daily rows keeping application keys, backs both tables up; all or nothing, safe to rerun';
+CREATE OR REPLACE FUNCTION usage_agg._verify_recent_days(OUT drifted bigint, OUT problem text)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_cfg usage_agg.config;
+    v_today date;
+    v_from date;
+    v_days text;
+    v_first text;
+    v_keys bigint;
+BEGIN
+    SELECT * INTO v_cfg FROM usage_agg.config;
+    drifted := 0;
+    IF v_cfg.verify_recent_days = 0 THEN
+        RETURN;
+    END IF;
+    v_today := (now() AT TIME ZONE v_cfg.timezone)::date;
+    v_from := v_today - (v_cfg.verify_recent_days - 1);
+    SELECT count(*), string_agg(DISTINCT v.date::text, ', '),
+           min(v.user_id || ' ' || v.date || ' ' || v.field || ': ' || COALESCE(v.aggregate_value::text, 'NULL')
+               || ' in the aggregate, ' || COALESCE(v.detail_value::text, 'NULL') || ' in the detail')
+      INTO drifted, v_days, v_first
+      FROM usage_agg.verify_daily_logs(v_from, v_today) v;
+    IF drifted > 0 THEN
+        problem := format('drift: %s field(s) of daily_logs disagree with the detail on %s (for example %s)',
+                          drifted, v_days, v_first);
+    END IF;
+    -- The per-key and service days too.
+    SELECT count(*), string_agg(DISTINCT v.date::text, ', '),
+           min(COALESCE(v.shared_key_id::text, 'service') || ' ' || v.date || ' ' || v.field || ': '
+               || COALESCE(v.aggregate_value::text, 'NULL') || ' in the aggregate, '
+               || COALESCE(v.detail_value::text, 'NULL') || ' in the detail')
+      INTO v_keys, v_days, v_first
+      FROM usage_agg.verify_key_daily_logs(v_from, v_today) v;
+    IF v_keys > 0 THEN
+        problem := concat_ws('; ', problem,
+                             format('drift: %s field(s) of the per-key days disagree with the detail on %s (for example %s)',
+                                    v_keys, v_days, v_first));
+        drifted := drifted + v_keys;
+    END IF;
+    IF drifted = 0 THEN
+        RETURN;
+    END IF;
+    IF v_cfg.repair_drift THEN
+        PERFORM usage_agg.rebuild_daily_logs(v_from, v_today);
+        problem := problem || '; repaired by rebuild_daily_logs';
+    ELSE
+        problem := problem || format('; repair with SELECT usage_agg.rebuild_daily_logs(%L, %L)', v_from, v_today);
+    END IF;
+    RAISE WARNING 'usage_agg.run_maintenance: %', problem;
+END;
+$$;
+CREATE OR REPLACE FUNCTION usage_agg._check_reader_args(p_user_id uuid, p_at timestamptz) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg._check_user(p_user_id);
+    PERFORM usage_agg._check_at(p_at);
+END;
+$$;
+
+CREATE FUNCTION usage_agg.schedule_apply(every text DEFAULT '* * * * *')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_job bigint;
+BEGIN
+    IF every IS NULL OR btrim(every) = '' THEN
+        RAISE EXCEPTION 'usage_agg: every must be a pg_cron schedule'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'For example ''* * * * *'' (every minute), or ''30 seconds'' with pg_cron 1.5 or later.';
+    END IF;
+    PERFORM usage_agg._require_pg_cron();
+    EXECUTE 'SELECT cron.schedule($1, $2, $3)' INTO v_job
+        USING 'usage_agg_apply', every, 'SELECT usage_agg.apply_pending_deltas()';
+    RETURN v_job;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.schedule_apply(text) IS
+    'Registers (or updates) the pg_cron job usage_agg_apply running SELECT usage_agg.apply_pending_deltas() (for servers without the background applier); returns its job id';
+CREATE FUNCTION usage_agg.unschedule_apply()
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_exists boolean;
+BEGIN
+    PERFORM usage_agg._require_pg_cron();
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM cron.job WHERE jobname = $1 AND username = current_user)'
+        INTO v_exists USING 'usage_agg_apply';
+    IF v_exists THEN
+        EXECUTE 'SELECT cron.unschedule($1)' USING 'usage_agg_apply';
+    END IF;
+    RETURN v_exists;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.unschedule_apply() IS
+    'Removes the pg_cron job usage_agg_apply; returns false when there was none';
+
+REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_key_days(date),
+    usage_agg._key_days_from_users(date),
+    usage_agg.schedule_apply(text), usage_agg.unschedule_apply() FROM PUBLIC;
+-- CREATE OR REPLACE VIEW resets the view's options.
+ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
+ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_daily_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.key_monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_health SET (security_invoker = true);
+ALTER VIEW usage_agg.service_daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.service_monthly_usage SET (security_invoker = true);
+
+-- ---------------------------------------------------------------------------
+-- Filling the new tables from what the database holds.
+-- ---------------------------------------------------------------------------
+
+-- Days with detail: a GROUP BY over it, less the calls still pending (the
+-- next apply adds those, as it does for every pending call). Users of a key (or
+-- of the service) on a day: the users whose day row lists the key (has calls).
+WITH horizon AS (
+    SELECT h.detail_kept_from AS day, usage_agg._timezone() AS tz FROM usage_agg.retention_horizon h
+), calls AS (
+    SELECT k.shared_key_id AS key, (k.created_at AT TIME ZONE h.tz)::date AS day, k.model_used AS model,
+           1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok, COALESCE(k.tokens_used, 0)::bigint AS tokens,
+           COALESCE(k.cost_estimate, 0) AS cost, k.created_at AS at,
+           CASE WHEN NOT k.success THEN k.created_at END AS failed_at
+      FROM usage_agg.key_usage_logs k, horizon h
+     WHERE k.created_at >= usage_agg._day_start(h.day, h.tz)
+    UNION ALL
+    SELECT p.shared_key_id, p.day, p.model_used, -p.calls, -p.successful, -p.tokens, -p.cost, NULL, NULL
+      FROM usage_agg.pending_deltas p, horizon h
+     WHERE p.day >= h.day
+), scoped AS (
+    SELECT c.key AS scope, c.* FROM calls c WHERE c.key IS NOT NULL
+    UNION ALL
+    SELECT NULL::uuid, c.* FROM calls c
+), per_model AS (
+    SELECT m.scope, m.day,
+           jsonb_object_agg(m.model, jsonb_build_object('calls', m.n, 'failed', m.failed,
+                                                        'tokens', m.tokens, 'cost', m.cost)) AS by_model
+      FROM (SELECT s.scope, s.day, s.model, sum(s.n) AS n, sum(s.n - s.ok) AS failed,
+                   sum(s.tokens) AS tokens, sum(s.cost) AS cost
+              FROM scoped s WHERE s.model IS NOT NULL
+             GROUP BY s.scope, s.day, s.model
+            HAVING sum(s.n) <> 0 OR sum(s.tokens) <> 0 OR sum(s.cost) <> 0) m
+     GROUP BY m.scope, m.day
+), per_day AS (
+    SELECT s.scope, s.day, sum(s.n) AS n, sum(s.ok) AS ok, sum(s.tokens) AS tokens, sum(s.cost) AS cost,
+           max(s.at) AS at, max(s.failed_at) AS failed_at
+      FROM scoped s GROUP BY s.scope, s.day
+), docs AS (
+    SELECT d.scope, d.day,
+           jsonb_build_object(
+               'total_calls', d.n, 'successful_calls', d.ok, 'failed_calls', d.n - d.ok,
+               'tokens_used', d.tokens, 'estimated_cost', d.cost,
+               'users', CASE WHEN d.scope IS NULL
+                             THEN (SELECT count(*) FROM usage_agg.daily_logs u
+                                    WHERE u.date = d.day AND u.log_data->'api_call_count' > '0'::jsonb)
+                             ELSE (SELECT count(*) FROM usage_agg.daily_logs u
+                                    WHERE u.date = d.day
+                                      AND u.log_data->'shared_service_usage'->'by_key' ? d.scope::text) END,
+               'by_model', COALESCE(m.by_model, '{}'::jsonb),
+               'last_call_at', usage_agg._iso_utc(d.at),
+               'last_failure_at', usage_agg._iso_utc(d.failed_at)) AS log_data
+      FROM per_day d
+      LEFT JOIN per_model m ON m.scope IS NOT DISTINCT FROM d.scope AND m.day = d.day
+     WHERE d.n <> 0 OR d.tokens <> 0 OR d.cost <> 0
+), keys AS (
+    INSERT INTO usage_agg.key_daily_logs (shared_key_id, date, log_data)
+    SELECT d.scope, d.day, d.log_data FROM docs d WHERE d.scope IS NOT NULL
+    RETURNING 1
+)
+INSERT INTO usage_agg.service_daily_logs (date, log_data)
+SELECT d.day, d.log_data FROM docs d WHERE d.scope IS NULL;
+
+-- Days whose detail expired: from the users' daily rows (what cannot be
+-- recovered there is null, see _key_days_from_users).
+SELECT usage_agg._key_days_from_users((SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+
+-- Months rolled up already: the same from the users' monthly rows.
+INSERT INTO usage_agg.key_monthly_logs (shared_key_id, month, log_data)
+SELECT c.key::uuid, m.month,
+       jsonb_build_object(
+           'total_calls', sum((c.value->>'calls')::bigint), 'successful_calls', NULL, 'failed_calls', NULL,
+           'tokens_used', sum((c.value->>'tokens')::bigint), 'estimated_cost', sum((c.value->>'cost')::numeric),
+           'by_model', '{}'::jsonb, 'last_call_at', NULL, 'last_failure_at', NULL,
+           'recovered_from', 'monthly_logs.by_key')
+  FROM usage_agg.monthly_logs m
+ CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(m.log_data->'shared_service_usage'->'by_key') = 'object'
+                                    THEN m.log_data->'shared_service_usage'->'by_key' ELSE '{}'::jsonb END) c
+ WHERE (c.value->>'calls')::bigint > 0
+ GROUP BY c.key, m.month;
+
+INSERT INTO usage_agg.service_monthly_logs (month, log_data)
+SELECT m.month,
+       jsonb_build_object(
+           'total_calls', sum((m.log_data->>'api_call_count')::bigint),
+           'successful_calls', sum((m.log_data->'shared_service_usage'->>'successful_calls')::bigint),
+           'failed_calls', sum((m.log_data->'shared_service_usage'->>'failed_calls')::bigint),
+           'tokens_used', sum((m.log_data->'shared_service_usage'->>'tokens_used')::bigint),
+           'estimated_cost', sum((m.log_data->'shared_service_usage'->>'estimated_cost')::numeric),
+           'by_model', '{}'::jsonb,
+           'last_call_at', usage_agg._iso_utc(max((m.log_data->>'last_api_call_at')::timestamptz)),
+           'last_failure_at', NULL,
+           'recovered_from', 'monthly_logs')
+  FROM usage_agg.monthly_logs m
+ GROUP BY m.month;
