@@ -23,6 +23,10 @@ fn fingerprint(c: &mut Client, until: &str) -> Vec<String> {
         // keys_used is a set: a rebuilt day lists its keys sorted, a folded day in first-use order.
         ("daily_logs", "user_id, date, jsonb_set(log_data, '{shared_service_usage,keys_used}', usage_agg._sorted_array(log_data->'shared_service_usage'->'keys_used'))", "user_id, date"),
         ("monthly_logs", "user_id, month, log_data", "user_id, month"),
+        ("key_daily_logs", "shared_key_id, date, log_data", "shared_key_id, date"),
+        ("key_monthly_logs", "shared_key_id, month, log_data", "shared_key_id, month"),
+        ("service_daily_logs", "date, log_data", "date"),
+        ("service_monthly_logs", "month, log_data", "month"),
         ("quota_plans", "membership_level, monthly_quota, daily_cost_limit", "membership_level"),
         ("quotas", "user_id, membership_level, monthly_quota, monthly_used, quota_reset_at, total_used, created_at, updated_at", "user_id"),
         ("quota_usage_logs", "id, user_id, session_id, membership_level, amount, tokens_used, request_id, created_at, refunded_at", "id"),
@@ -171,6 +175,14 @@ fn dump_and_restore_keep_everything() {
         assert_eq!(
             verify(&mut t, "2000-01-01", "2100-01-01"),
             Vec::<String>::new()
+        );
+        assert_eq!(
+            scalar_i64(
+                &mut t,
+                "SELECT count(*) FROM usage_agg.verify_key_daily_logs('2000-01-01', '2100-01-01')"
+            ),
+            0,
+            "{format}: the per-key rows agree with the detail"
         );
         assert_eq!(
             scalar_text(

@@ -38,8 +38,9 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER legacy_fold AFTER INSERT ON public.key_usage_logs FOR EACH ROW EXECUTE FUNCTION public.legacy_fold();
-INSERT INTO public.key_usage_logs (user_id, model_used, tokens_used, cost_estimate, success, request_id, created_at)
-SELECT ('1e000000-0000-0000-0000-00000000000' || (g % 3))::uuid, 'm' || (g % 2), g, 0.1, g % 9 <> 0, 'legacy-' || g,
+INSERT INTO public.key_usage_logs (user_id, shared_key_id, model_used, tokens_used, cost_estimate, success, request_id, created_at)
+SELECT ('1e000000-0000-0000-0000-00000000000' || (g % 3))::uuid, ('1f000000-0000-0000-0000-00000000000' || (g % 2))::uuid,
+       'm' || (g % 2), g, 0.1, g % 9 <> 0, 'legacy-' || g,
        date_trunc('day', now(), 'UTC') + interval '13 hours' - (g / 6) * interval '1 day' - (g % 6) * interval '1 hour'
   FROM generate_series(0, 599) g;
 UPDATE public.daily_logs SET log_data = log_data || jsonb_build_object('conversation_count', 4);
@@ -127,6 +128,45 @@ fn a_hand_written_setup_moves_in_with_one_call() {
         legacy_detail
     );
 
+    // The per-key and service rows: exact where detail exists, and in total
+    // equal to what the users' rows hold (the legacy days without detail
+    // included); a rerun adds nothing to them.
+    let keys_and_users = |c: &mut Client| -> (bool, bool, String) {
+        let row = c
+            .query_one(
+                "WITH k AS (SELECT sum(calls) AS calls, sum(estimated_cost) AS cost FROM usage_agg.key_monthly_usage),
+                      u AS (SELECT sum(calls) AS calls, sum(cost) AS cost FROM usage_agg.monthly_usage_by_key),
+                      s AS (SELECT sum(calls) AS calls, sum(estimated_cost) AS cost FROM usage_agg.service_monthly_usage),
+                      a AS (SELECT sum(calls) AS calls, sum(estimated_cost) AS cost FROM usage_agg.monthly_usage)
+                 SELECT k.calls IS NOT DISTINCT FROM u.calls AND k.cost IS NOT DISTINCT FROM u.cost,
+                        s.calls IS NOT DISTINCT FROM a.calls AND s.cost IS NOT DISTINCT FROM a.cost,
+                        concat_ws(' ', k.calls, u.calls, s.calls, a.calls) FROM k, u, s, a",
+                &[],
+            )
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    let (keys_equal, service_equal, shown) = keys_and_users(&mut c);
+    assert!(
+        keys_equal && service_equal,
+        "per-key and service totals: {shown}"
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(DISTINCT shared_key_id) FROM usage_agg.key_daily_usage"
+        ),
+        2,
+        "the detail's two keys have per-key rows"
+    );
+    assert_eq!(
+        scalar_i64(
+            &mut c,
+            "SELECT count(*) FROM usage_agg.verify_key_daily_logs('2000-01-01', '2100-01-01')"
+        ),
+        0
+    );
+
     // A rerun changes nothing.
     let before = daily_fingerprint(&mut c);
     assert_eq!(
@@ -141,6 +181,7 @@ fn a_hand_written_setup_moves_in_with_one_call() {
         verify(&mut c, "2000-01-01", "2100-01-01"),
         Vec::<String>::new()
     );
+    assert_eq!(keys_and_users(&mut c), (true, true, shown));
 
     // From here on the application writes to usage_agg.
     c.batch_execute(

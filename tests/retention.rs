@@ -608,13 +608,60 @@ fn pg_cron_schedules_and_runs_maintenance() {
         .query_one("SELECT usage_agg.unschedule_maintenance()", &[])
         .unwrap()
         .get::<_, bool>(0));
+
+    // Without the background applier (this cluster has none), the per-key
+    // deltas of immediate statements wait for an apply: pg_cron runs one.
+    c.batch_execute(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, shared_key_id, cost_estimate)
+         VALUES ('c1000000-0000-0000-0000-000000000001', 'c2000000-0000-0000-0000-000000000001', 0.5)",
+    )
+    .unwrap();
+    assert_eq!(
+        scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.pending_key_deltas"),
+        2
+    );
+    // Every minute (the default; pg_cron 1.4 of Debian's PostgreSQL 15 has no
+    // second schedules).
+    let apply_job = scalar_i64(&mut c, "SELECT usage_agg.schedule_apply()");
+    assert_eq!(
+        job(&mut c),
+        vec![format!(
+            "{apply_job} usage_agg_apply * * * * * SELECT usage_agg.apply_pending_deltas() usage_agg_test"
+        )]
+    );
+    let deadline = Instant::now() + Duration::from_secs(130);
+    while scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.pending_key_deltas") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "pg_cron did not apply within 130 s"
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        scalar_text(&mut c, "SELECT (log_data->>'total_calls') || ' ' || (log_data->>'estimated_cost') FROM usage_agg.key_daily_logs"),
+        Some("1 0.5".to_string())
+    );
+    assert_eq!(
+        sqlstate(c.query_one("SELECT usage_agg.schedule_apply('')", &[])),
+        "22023"
+    );
+    assert!(c
+        .query_one("SELECT usage_agg.unschedule_apply()", &[])
+        .unwrap()
+        .get::<_, bool>(0));
+    assert_eq!(job(&mut c), Vec::<String>::new());
 }
 
 #[test]
 fn without_pg_cron_scheduling_fails_clearly() {
     let db = TestDb::new("retention_no_cron");
     let mut c = db.connect();
-    for f in ["schedule_maintenance()", "unschedule_maintenance()"] {
+    for f in [
+        "schedule_maintenance()",
+        "unschedule_maintenance()",
+        "schedule_apply()",
+        "unschedule_apply()",
+    ] {
         let err = db_error(c.query_one(&format!("SELECT usage_agg.{f}"), &[]));
         assert_eq!(err.code().code(), "55000", "{f}");
         assert_eq!(
@@ -852,6 +899,19 @@ fn maintenance_finds_drift_in_recent_days_and_repairs_it_when_asked() {
     assert_eq!(step(&mut c), "true 0 -");
     assert_eq!(health(&mut c), "true false");
     assert_eq!(verify(&mut c, &from, &today), Vec::<String>::new());
+    // The per-key and service days are checked (and repaired) too.
+    c.batch_execute(
+        "UPDATE usage_agg.service_daily_logs SET log_data = jsonb_set(log_data, '{total_calls}', '99')
+          WHERE date = (now() AT TIME ZONE 'UTC')::date",
+    )
+    .unwrap();
+    assert_eq!(
+        step(&mut c),
+        format!(
+            "false 1 drift: 1 field(s) of the per-key days disagree with the detail on {today} (for example service {today} total_calls: 99 in the aggregate, 4 in the detail); repaired by rebuild_daily_logs"
+        )
+    );
+    assert_eq!(step(&mut c), "true 0 -");
     // The older day is still drifted: only the recent window is checked.
     assert_eq!(verify(&mut c, "2000-01-01", "2100-01-01").len(), 1);
     c.batch_execute("UPDATE usage_agg.config SET verify_recent_days = 0")

@@ -108,7 +108,10 @@ fn an_application_role_writes_calls_and_quota_but_nothing_else() {
         format!("SELECT usage_agg.set_membership('{U}', 'pro')"),
         "SELECT usage_agg.rebuild_daily_logs(current_date, current_date)".to_string(),
         "SELECT usage_agg.schedule_maintenance()".to_string(),
+        "SELECT usage_agg.schedule_apply()".to_string(),
         "SELECT usage_agg.post_restore()".to_string(),
+        "INSERT INTO usage_agg.key_daily_logs (shared_key_id, date, log_data) VALUES (gen_random_uuid(), current_date, '{}')".to_string(),
+        "DELETE FROM usage_agg.pending_key_deltas".to_string(),
         "SELECT usage_agg.grant_app_role('ua_test_app')".to_string(),
         // The internal step behind consume_quota runs as the caller: no rights.
         format!("SELECT usage_agg._consume('{U}', 1, NULL, NULL, 0, true)"),

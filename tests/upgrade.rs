@@ -158,6 +158,58 @@ fn write_with_the_new_library(old: &mut Client, user: &str) {
     );
 }
 
+/// The per-key and service tables (0.4.0) hold what the users' rows do: exact
+/// against the detail where it exists, and in total (calls, cost) over every
+/// day and month, pending calls included.
+fn per_key_tables_are_filled(c: &mut Client) {
+    let verified: Vec<String> = c
+        .query(
+            "SELECT coalesce(shared_key_id::text, 'service') || ' ' || date || ' ' || field || ' '
+                    || coalesce(aggregate_value::text, 'NULL') || ' vs ' || coalesce(detail_value::text, 'NULL')
+               FROM usage_agg.verify_key_daily_logs('2000-01-01', '2100-01-01')",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(verified, Vec::<String>::new());
+    // (per-key side, users' side) for calls and cost; numeric equality, not text.
+    let compare = |c: &mut Client, sql: &str| -> (bool, String) {
+        let row = c
+            .query_one(sql, &[])
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        (row.get(0), row.get(1))
+    };
+    let (equal, shown) = compare(
+        c,
+        "WITH k AS (SELECT sum(calls) AS calls, sum(estimated_cost) AS cost FROM usage_agg.key_monthly_usage),
+              u AS (SELECT (SELECT sum(calls) FROM usage_agg.monthly_usage_by_key)
+                           + (SELECT coalesce(sum(calls), 0) FROM usage_agg.pending_deltas WHERE shared_key_id IS NOT NULL) AS calls,
+                           (SELECT sum(cost) FROM usage_agg.monthly_usage_by_key)
+                           + (SELECT coalesce(sum(cost), 0) FROM usage_agg.pending_deltas WHERE shared_key_id IS NOT NULL) AS cost)
+         SELECT k.calls IS NOT DISTINCT FROM u.calls AND k.cost IS NOT DISTINCT FROM u.cost, concat_ws(' ', k.calls, k.cost, 'vs', u.calls, u.cost) FROM k, u",
+    );
+    assert!(
+        equal,
+        "per-key totals equal the users' by_key totals: {shown}"
+    );
+    let (equal, shown) = compare(
+        c,
+        "WITH s AS (SELECT sum(calls) AS calls, sum(estimated_cost) AS cost FROM usage_agg.service_monthly_usage),
+              u AS (SELECT (SELECT sum(calls) FROM usage_agg.monthly_usage)
+                           + (SELECT coalesce(sum(calls), 0) FROM usage_agg.pending_deltas) AS calls,
+                           (SELECT sum(estimated_cost) FROM usage_agg.monthly_usage)
+                           + (SELECT coalesce(sum(cost), 0) FROM usage_agg.pending_deltas) AS cost)
+         SELECT s.calls IS NOT DISTINCT FROM u.calls AND s.cost IS NOT DISTINCT FROM u.cost, concat_ws(' ', s.calls, s.cost, 'vs', u.calls, u.cost) FROM s, u",
+    );
+    assert!(equal, "service totals equal the users' totals: {shown}");
+    assert!(
+        scalar_i64(c, "SELECT count(*) FROM usage_agg.key_daily_logs") > 0,
+        "the per-key days were filled"
+    );
+}
+
 /// Updates, checks that the data is kept and that the new version folds on top
 /// of it, and compares the catalog with a fresh install.
 fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name: &str) {
@@ -188,6 +240,7 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
         verify(old, "2000-01-01", "2100-01-01"),
         Vec::<String>::new()
     );
+    per_key_tables_are_filled(old);
     old.batch_execute(&format!(
         "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('{user}', 1);
          UPDATE usage_agg.config SET fold_mode = 'async';
@@ -207,6 +260,7 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
         verify(old, "2000-01-01", "2100-01-01"),
         Vec::<String>::new()
     );
+    per_key_tables_are_filled(old);
     old.batch_execute(&format!(
         "UPDATE usage_agg.config SET fold_mode = '{mode_after}', apply_interval = DEFAULT, pending_alert_after = DEFAULT"
     ))
