@@ -7,6 +7,8 @@
 # Contenders (one database each, the same table with the same indexes):
 #   bare       key_usage_logs with no aggregation (the physical limit)
 #   default    usage_agg as installed: fold_mode auto, the applier running
+#   nokeys     the same build and mode with usage_agg.per_key_aggregates = off:
+#              what the per-key and service aggregates cost (0.4.0)
 #   immediate  usage_agg, fold_mode = 'immediate'
 #   plpgsql    a hand-written row-level PL/pgSQL trigger (plpgsql_trigger.sql)
 #   empty      bare plus a statement trigger with a transition table that does
@@ -33,7 +35,7 @@ CONFIGS="${BENCH_CONFIGS:-tuned stock}"
 WORKLOADS="${BENCH_WORKLOADS:-single hot_user hot_key bulk intervals}"
 INTERVALS="${BENCH_INTERVALS:-0.1 0.5 1 5}"
 OUT="${BENCH_OUT:-$BENCH/results/fold-latest.md}"
-CONTENDERS=(bare default immediate plpgsql empty)
+CONTENDERS=(${BENCH_CONTENDERS:-bare default nokeys immediate plpgsql empty})
 TMP="$(mktemp -d)"
 chmod 755 "$TMP"
 RAW="$TMP/raw"
@@ -58,25 +60,35 @@ start_cluster() {  # start_cluster CONFIG
     ua_psql "$PORT" bench_plpgsql -f "$BENCH/plpgsql_trigger.sql" >/dev/null
     ua_psql "$PORT" bench_empty -f "$BENCH/bare.sql" -f "$BENCH/empty_trigger.sql" >/dev/null
     sql immediate "UPDATE usage_agg.config SET fold_mode = 'immediate'" >/dev/null
-    # The default contender must really run asynchronously, with its applier.
-    for _ in $(seq 1 100); do
-        [ "$(sql default "SELECT effective_mode FROM usage_agg.fold_status")" = async ] && break
-        sleep 0.1
+    if has_contender nokeys; then
+        ua_psql "$PORT" postgres -c "ALTER DATABASE bench_nokeys SET usage_agg.per_key_aggregates = off" >/dev/null
+    fi
+    # The asynchronous contenders must really run so, with their appliers.
+    for c in default nokeys; do
+        has_contender "$c" || continue
+        for _ in $(seq 1 100); do
+            [ "$(sql "$c" "SELECT effective_mode FROM usage_agg.fold_status")" = async ] && break
+            sleep 0.1
+        done
+        [ "$(sql "$c" "SELECT effective_mode FROM usage_agg.fold_status")" = async ] \
+            || { echo "the applier of bench_$c is not running" >&2; exit 1; }
     done
-    [ "$(sql default "SELECT effective_mode FROM usage_agg.fold_status")" = async ] \
-        || { echo "the applier of bench_default is not running" >&2; exit 1; }
 }
+has_contender() { [[ " ${CONTENDERS[*]} " == *" $1 "* ]]; }
+is_async() { [ "$1" = default ] || [ "$1" = nokeys ]; }
 trap 'ua_cluster_stop bench; rm -rf "$TMP"' EXIT
 
 reset_tables() {
-    sql "$1" "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs, usage_agg.pending_deltas" >/dev/null
-    ua_psql "$PORT" "bench_$1" -c "VACUUM ANALYZE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.pending_deltas" -c "CHECKPOINT" >/dev/null
+    sql "$1" "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs, usage_agg.pending_deltas,
+                       usage_agg.key_daily_logs, usage_agg.service_daily_logs, usage_agg.pending_key_deltas" >/dev/null
+    ua_psql "$PORT" "bench_$1" -c "VACUUM ANALYZE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.pending_deltas, usage_agg.key_daily_logs, usage_agg.service_daily_logs" -c "CHECKPOINT" >/dev/null
 }
 
-# Waits until the default contender's applier has folded everything; prints ms.
+# Waits until an asynchronous contender's applier has folded everything
+# (the per-key deltas too); prints ms.
 drain() {
     local t0; t0=$(date +%s%N)
-    while [ "$(sql default "SELECT count(*) FROM usage_agg.pending_deltas")" != 0 ]; do sleep 0.05; done
+    while [ "$(sql "${1:-default}" "SELECT (SELECT count(*) FROM usage_agg.pending_deltas) + (SELECT count(*) FROM usage_agg.pending_key_deltas)")" != 0 ]; do sleep 0.05; done
     echo $(( ($(date +%s%N) - t0) / 1000000 ))
 }
 
@@ -84,14 +96,16 @@ check_fold() {  # the aggregates equal the detail (verify_daily_logs is empty)
     case "$1" in default | immediate) ;; *) return 0 ;; esac
     local bad; bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
     [ "$bad" = 0 ] || { echo "verify_daily_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
+    bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_key_daily_logs(current_date - 3, current_date + 1)")
+    [ "$bad" = 0 ] || { echo "verify_key_daily_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
     [ "$1" = default ] || return 0
     bad=$(sql default "SELECT count(*) FROM usage_agg.fold_skipped")
     [ "$bad" = 0 ] || { echo "the applier skipped $bad days in bench_default" >&2; exit 1; }
 }
 
 # Samples the age of the oldest pending call (ms) every 100 ms into $1.
-start_sampler() {
-    "${UA_PG_BIN}/psql" -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d bench_default >"$1" 2>/dev/null <<'SQL' &
+start_sampler() {  # start_sampler FILE CONTENDER
+    "${UA_PG_BIN}/psql" -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d "bench_${2:-default}" >"$1" 2>/dev/null <<'SQL' &
 SELECT COALESCE(extract(epoch FROM clock_timestamp() - min(appended_at)) * 1000, 0)::int FROM usage_agg.pending_deltas \watch 0.1
 SQL
     SAMPLER=$!
@@ -109,12 +123,12 @@ run_pgbench() {
     local cfg="$1" label="$2" c="$3" n="$4" script="$5" dir jobs=$(( $4 < 2 ? $4 : 2 ))
     dir="$(mktemp -d -p "$TMP")"
     local lsn0; lsn0=$(wal_lsn)
-    [ "$c" = default ] && start_sampler "$dir/lag"
+    is_async "$c" && start_sampler "$dir/lag" "$c"
     (cd "$dir" && "${UA_PG_BIN}/pgbench" -n -M prepared -c "$n" -j "$jobs" -T "$SECONDS_PER_RUN" -l --log-prefix=tx \
         -h 127.0.0.1 -p "$PORT" -U postgres -f "$script" "bench_$c" >out 2>&1) || true
     local lag="- - -" drained="-"
-    if [ "$c" = default ]; then
-        drained=$(drain)
+    if is_async "$c"; then
+        drained=$(drain "$c")
         kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null || true
         lag=$(percentiles "$dir/lag")
     fi
@@ -173,7 +187,7 @@ for cfg in $CONFIGS; do
                     fi
                     ms=$(( ($(date +%s%N) - t0) / 1000000 ))
                     drained="-"
-                    [ "$c" = default ] && drained=$(drain)
+                    is_async "$c" && drained=$(drain "$c")
                     wal=$(( $(wal_diff "$lsn0" "$(wal_lsn)") / 1000000 ))
                     echo "$cfg bulk_$load $c $ms - - - $wal - - - $drained" >>"$RAW"
                     ua_log "[$cfg] round $round: 1,000,000-row $load, $c: $ms ms, $wal WAL bytes/call, drained in $drained ms"
@@ -216,16 +230,16 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
         echo
         echo "## $cfg configuration"
         echo
-        echo "| workload | bare | default (async, applier running) | immediate | PL/pgSQL trigger | empty trigger | default / bare | default / PL/pgSQL | default / empty |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| workload | bare | default (async, applier running) | default, per-key aggregates off | immediate | PL/pgSQL trigger | empty trigger | default / bare | default / PL/pgSQL | default / per-key off |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         rows=()
         has single && for n in $CLIENTS; do rows+=("single_$n|single-row, $n clients"); done
         has hot_user && rows+=("hot_user_16|one hot user, 16 clients")
         has hot_key && rows+=("hot_key_16|one hot key, 16 clients")
         for r in "${rows[@]}"; do
             w="${r%%|*}"; name="${r#*|}"
-            b=$(get "$cfg" "$w" bare); d=$(get "$cfg" "$w" default); i=$(get "$cfg" "$w" immediate); p=$(get "$cfg" "$w" plpgsql); e=$(get "$cfg" "$w" empty)
-            echo "| $name: tps | $(fmt "$b") | $(fmt "$d") | $(fmt "$i") | $(fmt "$p") | $(fmt "$e") | $(ratio "$d" "$b") | $(ratio "$d" "$p") | $(ratio "$d" "$e") |"
+            b=$(get "$cfg" "$w" bare); d=$(get "$cfg" "$w" default); k=$(get "$cfg" "$w" nokeys); i=$(get "$cfg" "$w" immediate); p=$(get "$cfg" "$w" plpgsql); e=$(get "$cfg" "$w" empty)
+            echo "| $name: tps | $(fmt "$b") | $(fmt "$d") | $(fmt "$k") | $(fmt "$i") | $(fmt "$p") | $(fmt "$e") | $(ratio "$d" "$b") | $(ratio "$d" "$p") | $(ratio "$d" "$k") |"
             echo -n "| $name: p50 / p99 ms |"
             for c in "${CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$w" "$c" 5)" 2) / $(fmt "$(get "$cfg" "$w" "$c" 6)" 2) |"; done
             echo " | | |"
@@ -236,8 +250,8 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
         if has bulk; then
             for w in "bulk_insert|1,000,000-row INSERT ... SELECT" "bulk_copy|1,000,000-row COPY"; do
                 k="${w%%|*}"; name="${w#*|}"
-                b=$(get "$cfg" "$k" bare); d=$(get "$cfg" "$k" default); i=$(get "$cfg" "$k" immediate); p=$(get "$cfg" "$k" plpgsql); e=$(get "$cfg" "$k" empty)
-                echo "| $name: ms (lower is better) | $(fmt "$b") | $(fmt "$d") | $(fmt "$i") | $(fmt "$p") | $(fmt "$e") | $(ratio "$d" "$b") | $(ratio "$d" "$p") | $(ratio "$d" "$e") |"
+                b=$(get "$cfg" "$k" bare); d=$(get "$cfg" "$k" default); o=$(get "$cfg" "$k" nokeys); i=$(get "$cfg" "$k" immediate); p=$(get "$cfg" "$k" plpgsql); e=$(get "$cfg" "$k" empty)
+                echo "| $name: ms (lower is better) | $(fmt "$b") | $(fmt "$d") | $(fmt "$o") | $(fmt "$i") | $(fmt "$p") | $(fmt "$e") | $(ratio "$d" "$b") | $(ratio "$d" "$p") | $(ratio "$d" "$o") |"
                 echo -n "| $name: WAL bytes per call |"
                 for c in "${CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$k" "$c" 8)") |"; done
                 echo " | | |"
@@ -245,15 +259,15 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
         fi
         echo
         errors_of() { awk -v g="$cfg" -v c="$1" '$1 == g && $3 == c && $7 != "-" {s += $7} END {print s + 0}' "$RAW"; }
-        echo "Errors (failed or aborted transactions) in all runs: bare $(errors_of bare), default $(errors_of default), immediate $(errors_of immediate), PL/pgSQL $(errors_of plpgsql), empty $(errors_of empty); deadlocks reported by the server: $(awk -v g="$cfg" '$1 == g && $2 == "deadlocks" {print $7}' "$RAW")."
+        echo "Errors (failed or aborted transactions) in all runs: bare $(errors_of bare), default $(errors_of default), per-key off $(errors_of nokeys), immediate $(errors_of immediate), PL/pgSQL $(errors_of plpgsql), empty $(errors_of empty); deadlocks reported by the server: $(awk -v g="$cfg" '$1 == g && $2 == "deadlocks" {print $7}' "$RAW")."
         echo
         echo "Freshness of the default mode (age of the oldest pending call, sampled every 100 ms during the run; time to fold the backlog after the load stopped):"
         echo
-        echo "| workload | lag p50 ms | lag p99 ms | lag max ms | drained after ms |"
-        echo "|---|---:|---:|---:|---:|"
+        echo "| workload | lag p50 ms | lag p99 ms | lag max ms | drained after ms | per-key off: lag p99 ms | per-key off: drained after ms |"
+        echo "|---|---:|---:|---:|---:|---:|---:|"
         for r in "${rows[@]}"; do
             w="${r%%|*}"; name="${r#*|}"
-            echo "| $name | $(fmt "$(get "$cfg" "$w" default 9)") | $(fmt "$(get "$cfg" "$w" default 10)") | $(fmt "$(get "$cfg" "$w" default 11)") | $(fmt "$(get "$cfg" "$w" default 12)") |"
+            echo "| $name | $(fmt "$(get "$cfg" "$w" default 9)") | $(fmt "$(get "$cfg" "$w" default 10)") | $(fmt "$(get "$cfg" "$w" default 11)") | $(fmt "$(get "$cfg" "$w" default 12)") | $(fmt "$(get "$cfg" "$w" nokeys 10)") | $(fmt "$(get "$cfg" "$w" nokeys 12)") |"
         done
         has bulk && for k in bulk_insert bulk_copy; do
             echo "| $k | | | | $(fmt "$(get "$cfg" "$k" default 12)") |"
