@@ -5,9 +5,9 @@
 -- serialised in the order they are counted: no over-consumption, and a call that
 -- races the monthly reset lands in exactly one month (the one of its created_at).
 --
--- The step is PL/pgSQL rather than Rust because QUOTA_EXCEEDED must reach the
--- client with SQLSTATE UAQ01, and pgrx 0.18 re-raises any SQLSTATE it does not
--- know as XX000 when an error crosses Rust code.
+-- consume_quota and try_consume_quota take the common case in Rust with one
+-- kept statement (src/quotas.rs) and hand every other case to _consume below,
+-- which raises QUOTA_EXCEEDED with SQLSTATE UAQ01.
 
 CREATE TABLE usage_agg.quota_plans (
     membership_level text    PRIMARY KEY,
@@ -15,10 +15,14 @@ CREATE TABLE usage_agg.quota_plans (
     daily_cost_limit numeric,
     CONSTRAINT quota_plans_monthly_quota_not_negative CHECK (monthly_quota >= 0),
     CONSTRAINT quota_plans_daily_cost_limit_finite_not_negative
-        CHECK (daily_cost_limit >= 0 AND daily_cost_limit < 'Infinity'::numeric)
+        CHECK (daily_cost_limit >= 0 AND daily_cost_limit < 'Infinity'::numeric),
+    -- Added in 0.4.0 (last, as ALTER TABLE ... ADD COLUMN puts it).
+    monthly_cost_budget numeric,
+    CONSTRAINT quota_plans_monthly_cost_budget_finite_not_negative
+        CHECK (monthly_cost_budget >= 0 AND monthly_cost_budget < 'Infinity'::numeric)
 );
 COMMENT ON TABLE usage_agg.quota_plans IS
-    'Membership plans: monthly quota (units) and optional daily cost limit (NULL: none). Plans are ordered by monthly_quota.';
+    'Membership plans: monthly quota (units), optional daily cost limit and monthly cost budget (NULL: none). Plans are ordered by monthly_quota.';
 INSERT INTO usage_agg.quota_plans (membership_level, monthly_quota) VALUES
     ('free', 100), ('basic', 300), ('plus', 1000), ('pro', 3000);
 
@@ -54,6 +58,9 @@ CREATE TABLE usage_agg.quota_usage_logs (
     CONSTRAINT quota_usage_logs_tokens_used_not_negative CHECK (tokens_used >= 0)
 );
 CREATE INDEX quota_usage_logs_user_created_at ON usage_agg.quota_usage_logs (user_id, created_at);
+-- For the retention cleanup: rows arrive in time order, so a BRIN index finds
+-- the old ones and costs the quota step next to nothing.
+CREATE INDEX quota_usage_logs_created_at ON usage_agg.quota_usage_logs USING brin (created_at);
 COMMENT ON TABLE usage_agg.quota_usage_logs IS
     'One row per granted consume_quota call. refunded_at is set when refund_quota gave it back.';
 
@@ -69,7 +76,8 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE usage_agg.quota_plans
-       SET monthly_quota = NEW.monthly_quota, daily_cost_limit = NEW.daily_cost_limit
+       SET monthly_quota = NEW.monthly_quota, daily_cost_limit = NEW.daily_cost_limit,
+           monthly_cost_budget = NEW.monthly_cost_budget
      WHERE membership_level = NEW.membership_level;
     IF FOUND THEN
         RETURN NULL;
@@ -258,80 +266,86 @@ BEGIN
     RETURNING * INTO q;
     INSERT INTO usage_agg.quota_usage_logs (user_id, session_id, membership_level, amount, tokens_used, request_id, created_at)
     VALUES (p_user_id, p_session_id, q.membership_level, p_amount, coalesce(p_tokens_used, 0), p_request_id, v_at);
+    PERFORM usage_agg._quota_alerts(p_user_id, q.monthly_used - p_amount, q.monthly_used, q.monthly_quota,
+                                    q.quota_reset_at, v_at);
     RETURN usage_agg._state(q, true, false);
 END;
 $$;
 
-CREATE FUNCTION usage_agg.consume_quota(user_id uuid, amount integer DEFAULT 1, session_id text DEFAULT NULL,
-                                        request_id text DEFAULT NULL, tokens_used integer DEFAULT 0)
-RETURNS usage_agg.quota_state
-LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT usage_agg._consume(user_id, amount, session_id, request_id, tokens_used, true) $$;
-COMMENT ON FUNCTION usage_agg.consume_quota(uuid, integer, text, text, integer) IS
-    'Atomically deducts amount from the user''s monthly quota and logs it; raises SQLSTATE UAQ01 (QUOTA_EXCEEDED) when it would be exceeded';
+-- consume_quota and try_consume_quota are in Rust (src/quotas.rs): the common
+-- case in one kept statement, every other case in _consume above.
 
-CREATE FUNCTION usage_agg.try_consume_quota(user_id uuid, amount integer DEFAULT 1, session_id text DEFAULT NULL,
-                                            request_id text DEFAULT NULL, tokens_used integer DEFAULT 0)
-RETURNS usage_agg.quota_state
-LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$ SELECT usage_agg._consume(user_id, amount, session_id, request_id, tokens_used, false) $$;
-COMMENT ON FUNCTION usage_agg.try_consume_quota(uuid, integer, text, text, integer) IS
-    'Like consume_quota, but returns allowed = false instead of raising when the quota would be exceeded';
+-- What quota_status returns: the quota state, percent used, a low-quota flag,
+-- the next plan up, and the units consumed today (business day, refunds
+-- excluded): what a quota widget shows.
+CREATE TYPE usage_agg.quota_status_result AS (
+    user_id          uuid,
+    membership_level text,
+    monthly_quota    integer,
+    monthly_used     integer,
+    remaining        integer,
+    quota_reset_at   timestamptz,
+    total_used       bigint,
+    percent_used     numeric,
+    low_quota        boolean,
+    next_plan        text,
+    today_used       bigint
+);
 
-CREATE FUNCTION usage_agg.quota_status(p_user_id uuid)
-RETURNS TABLE (user_id uuid, membership_level text, monthly_quota integer, monthly_used integer,
-               remaining integer, quota_reset_at timestamptz, total_used bigint,
-               percent_used numeric, low_quota boolean, next_plan text)
-LANGUAGE plpgsql VOLATILE
+CREATE FUNCTION usage_agg.quota_status(user_id uuid)
+RETURNS usage_agg.quota_status_result
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q usage_agg.quotas;
-    v_at timestamptz;
     v_lock record;
     v_pct numeric;
+    v_tz text;
+    v_today date;
 BEGIN
-    PERFORM usage_agg._check_user(p_user_id);
-    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
+    PERFORM usage_agg._check_user($1);
+    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
     q := v_lock.q;
-    v_at := v_lock.at;
     v_pct := CASE WHEN q.monthly_quota = 0 THEN 100
                   ELSE round(100.0 * q.monthly_used / q.monthly_quota, 2) END;
-    RETURN QUERY SELECT q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
-                        greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
-                        v_pct, v_pct > 80, (usage_agg._next_plan(q.membership_level)).membership_level;
+    v_tz := usage_agg._timezone();
+    v_today := (v_lock.at AT TIME ZONE v_tz)::date;
+    RETURN ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
+               greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
+               v_pct, v_pct > 80, (usage_agg._next_plan(q.membership_level)).membership_level,
+               COALESCE((SELECT sum(l.amount) FROM usage_agg.quota_usage_logs l
+                          WHERE l.user_id = $1 AND l.refunded_at IS NULL
+                            AND l.created_at >= usage_agg._day_start(v_today, v_tz)
+                            AND l.created_at < usage_agg._day_start(v_today + 1, v_tz)), 0)
+              )::usage_agg.quota_status_result;
 END;
 $$;
 COMMENT ON FUNCTION usage_agg.quota_status(uuid) IS
-    'The user''s quota state with percent used, a low-quota flag (above 80%) and the next plan up';
+    'The user''s quota state with percent used, a low-quota flag (above 80%), the next plan up and the units consumed today';
 
-CREATE FUNCTION usage_agg.set_membership(p_user_id uuid, p_level text)
+CREATE FUNCTION usage_agg.set_membership(user_id uuid, level text)
 RETURNS usage_agg.quota_state
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q usage_agg.quotas;
-    v_at timestamptz;
     v_lock record;
     v_plan usage_agg.quota_plans;
 BEGIN
-    PERFORM usage_agg._check_user(p_user_id);
-    SELECT * INTO v_plan FROM usage_agg.quota_plans WHERE membership_level = p_level;
+    PERFORM usage_agg._check_user($1);
+    SELECT * INTO v_plan FROM usage_agg.quota_plans p WHERE p.membership_level = $2;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'usage_agg: unknown plan %', coalesce(quote_literal(p_level), 'NULL')
+        RAISE EXCEPTION 'usage_agg: unknown plan %', coalesce(quote_literal($2), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = format('Known plans: %s.', (SELECT string_agg(membership_level, ', ' ORDER BY monthly_quota)
-                                                      FROM usage_agg.quota_plans));
+                  HINT = format('Known plans: %s.', (SELECT string_agg(p.membership_level, ', ' ORDER BY p.monthly_quota)
+                                                      FROM usage_agg.quota_plans p));
     END IF;
-    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
-    q := v_lock.q;
-    v_at := v_lock.at;
-    UPDATE usage_agg.quotas
-       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = v_at
-     WHERE user_id = p_user_id
+    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
+    UPDATE usage_agg.quotas t
+       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = v_lock.at
+     WHERE t.user_id = $1
     RETURNING * INTO q;
     RETURN usage_agg._state(q, true, false);
 END;
@@ -348,44 +362,42 @@ AS $$
       FROM (SELECT usage_agg._timezone() AS name) tz
 $$;
 
-CREATE FUNCTION usage_agg.refund_quota(p_request_id text)
+CREATE FUNCTION usage_agg.refund_quota(request_id text)
 RETURNS usage_agg.quota_state
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_user uuid;
     v_log usage_agg.quota_usage_logs;
     q usage_agg.quotas;
-    v_at timestamptz;
     v_lock record;
 BEGIN
-    IF p_request_id IS NULL THEN
+    IF $1 IS NULL THEN
         RAISE EXCEPTION 'usage_agg: request_id must not be NULL'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT user_id INTO v_user FROM usage_agg.quota_usage_logs WHERE request_id = p_request_id;
+    SELECT l.user_id INTO v_user FROM usage_agg.quota_usage_logs l WHERE l.request_id = $1;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'usage_agg: no consumption with request_id %', p_request_id
+        RAISE EXCEPTION 'usage_agg: no consumption with request_id %', $1
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Only calls made with a request_id can be refunded.';
     END IF;
     -- Same lock order as consume: the user's quota row first, then the log row.
     SELECT * INTO v_lock FROM usage_agg._lock_quota(v_user);
     q := v_lock.q;
-    v_at := v_lock.at;
-    SELECT * INTO v_log FROM usage_agg.quota_usage_logs WHERE request_id = p_request_id FOR UPDATE;
+    SELECT * INTO v_log FROM usage_agg.quota_usage_logs l WHERE l.request_id = $1 FOR UPDATE;
     IF v_log.refunded_at IS NOT NULL THEN
         RETURN usage_agg._state(q, false, true);
     END IF;
-    UPDATE usage_agg.quota_usage_logs SET refunded_at = v_at WHERE id = v_log.id;
+    UPDATE usage_agg.quota_usage_logs l SET refunded_at = v_lock.at WHERE l.id = v_log.id;
     -- Only a consumption of the current month gives monthly quota back.
-    UPDATE usage_agg.quotas
+    UPDATE usage_agg.quotas t
        SET monthly_used = CASE WHEN v_log.created_at >= usage_agg._month_before(q.quota_reset_at)
-                               THEN greatest(monthly_used - v_log.amount, 0) ELSE monthly_used END,
-           total_used = greatest(total_used - v_log.amount, 0),
-           updated_at = v_at
-     WHERE user_id = v_user
+                               THEN greatest(t.monthly_used - v_log.amount, 0) ELSE t.monthly_used END,
+           total_used = greatest(t.total_used - v_log.amount, 0),
+           updated_at = v_lock.at
+     WHERE t.user_id = v_user
     RETURNING * INTO q;
     RETURN usage_agg._state(q, true, false);
 END;

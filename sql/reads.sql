@@ -92,35 +92,48 @@ $$;
 COMMENT ON FUNCTION usage_agg.usage_summary(uuid, timestamptz) IS
     'Calls, successful, failed, tokens and cost of a user for today, this month and all time, as of at (business time zone), from the aggregates only';
 
--- Today's cost against the user's plan daily_cost_limit (users without a quota
--- row are on plan free). Reads aggregates only; takes no locks.
+-- Today's and this month's cost against the user's daily cost limit and monthly
+-- budget (the plan's, or the user's overrides in user_limits; users without a
+-- quota row are on plan free), pending calls included. Months are months of
+-- the business time zone; the month's cost is its days up to the day of `at`.
+-- Reads aggregates only; takes no locks.
 CREATE FUNCTION usage_agg.check_usage_limit(user_id uuid, at timestamptz DEFAULT now())
-RETURNS TABLE (membership_level text, today_cost numeric, daily_cost_limit numeric, remaining numeric, allowed boolean)
+RETURNS TABLE (membership_level text, today_cost numeric, daily_cost_limit numeric, remaining numeric,
+               allowed boolean, month_cost numeric, monthly_cost_budget numeric, month_remaining numeric)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_day date;
-    v_level text;
-    v_limit numeric;
+    v_month date;
+    v_limits record;
     v_cost numeric;
+    v_month_cost numeric;
 BEGIN
     PERFORM usage_agg._check_reader_args($1, $2);
     v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
-    v_level := COALESCE((SELECT q.membership_level FROM usage_agg.quotas q WHERE q.user_id = $1), 'free');
-    v_limit := (SELECT p.daily_cost_limit FROM usage_agg.quota_plans p WHERE p.membership_level = v_level);
+    v_month := date_trunc('month', v_day)::date;
+    SELECT * INTO v_limits FROM usage_agg._cost_limits($1);
     v_cost := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
                           FROM usage_agg.daily_logs d
                          WHERE d.user_id = $1 AND d.date = v_day), 0)
             + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
                          WHERE p.user_id = $1 AND p.day = v_day), 0);
-    RETURN QUERY SELECT v_level, v_cost, v_limit,
-                        CASE WHEN v_limit IS NULL THEN NULL ELSE greatest(v_limit - v_cost, 0) END,
-                        v_limit IS NULL OR v_cost < v_limit;
+    v_month_cost := usage_agg._folded_month_cost($1, v_month, v_day)
+            + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
+                         WHERE p.user_id = $1 AND p.day >= v_month AND p.day <= v_day), 0);
+    RETURN QUERY SELECT v_limits.membership_level, v_cost, v_limits.daily_cost_limit,
+                        CASE WHEN v_limits.daily_cost_limit IS NOT NULL
+                             THEN greatest(v_limits.daily_cost_limit - v_cost, 0) END,
+                        COALESCE(v_cost < v_limits.daily_cost_limit, true)
+                            AND COALESCE(v_month_cost < v_limits.monthly_cost_budget, true),
+                        v_month_cost, v_limits.monthly_cost_budget,
+                        CASE WHEN v_limits.monthly_cost_budget IS NOT NULL
+                             THEN greatest(v_limits.monthly_cost_budget - v_month_cost, 0) END;
 END;
 $$;
 COMMENT ON FUNCTION usage_agg.check_usage_limit(uuid, timestamptz) IS
-    'Today''s cost of a user against the daily_cost_limit of their plan (NULL: no limit): remaining and allowed';
+    'Today''s and this month''s cost of a user against the daily_cost_limit and monthly_cost_budget that apply (plan or user_limits; NULL: none): remaining, and allowed when both are below their limits';
 
 -- ---------------------------------------------------------------------------
 -- Flat views for BI tools: plain columns, one row per user and day/month, and

@@ -378,6 +378,66 @@ BEGIN
 END;
 $$;
 
+-- Quota logs and alerts expire after config.quota_log_retention and
+-- config.alert_retention: the detail of consumption goes, the per-user totals
+-- stay in usage_agg.quotas. In batches of config.cleanup_batch_size, one
+-- transaction; returns the rows deleted (both tables).
+CREATE FUNCTION usage_agg.cleanup_old_quota_logs(keep interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_cfg usage_agg.config;
+    v_keep interval;
+    v_cutoff timestamptz;
+    v_alert_cutoff timestamptz;
+    v_removed bigint := 0;
+    v_left bigint;
+    v_n bigint;
+    v_started timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO v_cfg FROM usage_agg.config;
+    v_keep := usage_agg._check_keep(keep, v_cfg.quota_log_retention, 'cleanup_old_quota_logs');
+    IF v_keep < interval '31 days' THEN
+        RAISE EXCEPTION 'usage_agg: cleanup_old_quota_logs must keep at least 31 days'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('keep = %s', v_keep),
+                  HINT = 'A refund and a replayed request_id need the rows of the current quota month.';
+    END IF;
+    v_cutoff := now() - v_keep;
+    v_alert_cutoff := now() - v_cfg.alert_retention;
+    SELECT (SELECT count(*) FROM usage_agg.quota_usage_logs l WHERE l.created_at < v_cutoff)
+         + (SELECT count(*) FROM usage_agg.alerts a WHERE a.at < v_alert_cutoff)
+      INTO v_left;
+    WHILE v_left > 0 LOOP
+        WITH gone AS (
+            DELETE FROM usage_agg.quota_usage_logs l
+             WHERE l.ctid = ANY (ARRAY(SELECT o.ctid FROM usage_agg.quota_usage_logs o
+                                        WHERE o.created_at < v_cutoff LIMIT v_cfg.cleanup_batch_size))
+               AND l.created_at < v_cutoff
+            RETURNING 1)
+        SELECT count(*) INTO v_n FROM gone;
+        IF v_n = 0 THEN
+            WITH gone AS (
+                DELETE FROM usage_agg.alerts a
+                 WHERE a.id IN (SELECT o.id FROM usage_agg.alerts o
+                                 WHERE o.at < v_alert_cutoff LIMIT v_cfg.cleanup_batch_size)
+                RETURNING 1)
+            SELECT count(*) INTO v_n FROM gone;
+        END IF;
+        EXIT WHEN v_n = 0;
+        v_removed := v_removed + v_n;
+        v_left := greatest(v_left - v_n, 0);
+        RAISE NOTICE 'usage_agg.cleanup_old_quota_logs: % rows deleted, % left, % elapsed',
+            v_removed, v_left, clock_timestamp() - v_started;
+    END LOOP;
+    RETURN v_removed;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.cleanup_old_quota_logs(interval) IS
+    'Deletes quota_usage_logs rows older than keep (default config.quota_log_retention, at least 31 days) and alerts older than config.alert_retention, in batches; the totals in quotas are untouched. Returns rows deleted.';
+
 -- One maintenance step, in a subtransaction: a failing step is rolled back,
 -- logged with its SQLSTATE and message, and raises a WARNING; the caller goes
 -- on. Returns the step's log row.
@@ -406,6 +466,7 @@ BEGIN
             WHEN 'cleanup_old_key_usage_logs' THEN v_rows := usage_agg.cleanup_old_key_usage_logs();
             WHEN 'cleanup_old_daily_logs' THEN v_rows := usage_agg.cleanup_old_daily_logs();
             WHEN 'reset_expired_quotas' THEN v_rows := usage_agg.reset_expired_quotas();
+            WHEN 'cleanup_old_quota_logs' THEN v_rows := usage_agg.cleanup_old_quota_logs();
         END CASE;
         INSERT INTO usage_agg.maintenance_runs (step, started, finished, rows, ok, error)
         VALUES (step, v_started, clock_timestamp(), v_rows, v_problem IS NULL, v_problem)
@@ -441,14 +502,15 @@ DECLARE
 BEGIN
     -- A cancel (or statement_timeout) stops them all.
     FOREACH v_step IN ARRAY ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
-                                  'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas'] LOOP
+                                  'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
+                                  'cleanup_old_quota_logs'] LOOP
         RETURN NEXT usage_agg._run_maintenance_step(v_step);
     END LOOP;
     PERFORM usage_agg._trim_maintenance_runs();
 END;
 $$;
 COMMENT ON FUNCTION usage_agg.run_maintenance() IS
-    'Runs post_restore (after a restore), apply_pending_deltas, verify_recent_days (drift, repaired with config.repair_drift), cleanup_old_key_usage_logs, cleanup_old_daily_logs and reset_expired_quotas in one transaction, each logged in usage_agg.maintenance_runs; a failing step does not stop the others. CALL usage_agg.maintain() does the same committing as it goes.';
+    'Runs post_restore (after a restore), apply_pending_deltas, verify_recent_days (drift, repaired with config.repair_drift), cleanup_old_key_usage_logs, cleanup_old_daily_logs, reset_expired_quotas and cleanup_old_quota_logs in one transaction, each logged in usage_agg.maintenance_runs; a failing step does not stop the others. CALL usage_agg.maintain() does the same committing as it goes.';
 
 -- run_maintenance() as a procedure (what the pg_cron job runs): the same steps
 -- and log, each committed, the two cleanups committing after every batch. A
@@ -484,6 +546,8 @@ BEGIN
         COMMIT;
     END LOOP;
     PERFORM usage_agg._run_maintenance_step('reset_expired_quotas');
+    COMMIT;
+    PERFORM usage_agg._run_maintenance_step('cleanup_old_quota_logs');
     PERFORM usage_agg._trim_maintenance_runs();
 END;
 $$;
@@ -511,7 +575,8 @@ SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.
                CASE WHEN s.step = 'post_restore' THEN rs.restored_at IS NOT NULL
                     ELSE (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') END AS overdue
           FROM (VALUES (0, 'post_restore'), (1, 'apply_pending_deltas'), (2, 'verify_recent_days'),
-                       (3, 'cleanup_old_key_usage_logs'), (4, 'cleanup_old_daily_logs'), (5, 'reset_expired_quotas'))
+                       (3, 'cleanup_old_key_usage_logs'), (4, 'cleanup_old_daily_logs'), (5, 'reset_expired_quotas'),
+                       (6, 'cleanup_old_quota_logs'))
                AS s(ord, step)
           CROSS JOIN (SELECT min(r.restored_at) AS restored_at FROM usage_agg.restores r WHERE r.healed_at IS NULL) rs
           LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r

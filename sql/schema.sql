@@ -21,7 +21,18 @@ CREATE TABLE usage_agg.config (
     CONSTRAINT config_pending_alert_after_positive CHECK (pending_alert_after > interval '0'),
     CONSTRAINT config_detail_retention_positive CHECK (detail_retention > interval '0'),
     CONSTRAINT config_daily_retention_covers_detail CHECK (daily_retention >= detail_retention),
-    CONSTRAINT config_cleanup_batch_size_range CHECK (cleanup_batch_size BETWEEN 1 AND 1000000)
+    CONSTRAINT config_cleanup_batch_size_range CHECK (cleanup_batch_size BETWEEN 1 AND 1000000),
+    -- Added in 0.4.0 (last, as ALTER TABLE ... ADD COLUMN puts it).
+    alert_thresholds   numeric[] NOT NULL DEFAULT '{80,100}',
+    CONSTRAINT config_alert_thresholds_range CHECK (
+        cardinality(alert_thresholds) <= 10 AND array_position(alert_thresholds, NULL) IS NULL
+        AND 0 < ALL (alert_thresholds) AND 1000 >= ALL (alert_thresholds)),
+    quota_log_retention interval NOT NULL DEFAULT '90 days',
+    alert_retention    interval NOT NULL DEFAULT '400 days',
+    -- A refund and a replayed request_id need the rows of the current quota
+    -- month, and an alert's row stops a second alert in its period.
+    CONSTRAINT config_quota_log_retention_covers_a_month CHECK (quota_log_retention >= interval '31 days'),
+    CONSTRAINT config_alert_retention_covers_a_month CHECK (alert_retention >= interval '31 days')
 );
 -- At most one row: an index on a constant.
 CREATE UNIQUE INDEX config_single_row ON usage_agg.config ((true));
@@ -38,6 +49,12 @@ COMMENT ON COLUMN usage_agg.config.pending_alert_after IS
     'maintenance_health reports the fold as overdue when a call has been pending longer than this';
 COMMENT ON COLUMN usage_agg.config.verify_recent_days IS
     'run_maintenance() checks this many most recent business days against the detail (0: not at all)';
+COMMENT ON COLUMN usage_agg.config.alert_thresholds IS
+    'Percentages of a monthly quota, daily cost limit or monthly budget at which usage_agg.alerts records a crossing (empty: no alerts)';
+COMMENT ON COLUMN usage_agg.config.quota_log_retention IS
+    'run_maintenance() deletes quota_usage_logs rows older than this (the totals stay in quotas; a request_id older than this is no longer recognised)';
+COMMENT ON COLUMN usage_agg.config.alert_retention IS
+    'run_maintenance() deletes usage_agg.alerts rows older than this';
 COMMENT ON COLUMN usage_agg.config.repair_drift IS
     'run_maintenance() rebuilds the recent days it finds drifted (the drift is reported either way)';
 
@@ -68,7 +85,10 @@ BEGIN
                apply_interval = NEW.apply_interval,
                pending_alert_after = NEW.pending_alert_after,
                verify_recent_days = NEW.verify_recent_days,
-               repair_drift = NEW.repair_drift;
+               repair_drift = NEW.repair_drift,
+               alert_thresholds = NEW.alert_thresholds,
+               quota_log_retention = NEW.quota_log_retention,
+               alert_retention = NEW.alert_retention;
         -- The restored detail is folded again on top of the restored aggregates:
         -- usage_agg.post_restore() (which run_maintenance() runs) recomputes them.
         INSERT INTO usage_agg.restores (restored_at) VALUES (now());

@@ -9,10 +9,8 @@
 -- usage_agg.grant_read_role(role) hand out exactly the rest.
 
 ALTER FUNCTION usage_agg.fold_key_usage_logs() SECURITY DEFINER;
-ALTER FUNCTION usage_agg.consume_quota(uuid, integer, text, text, integer) SECURITY DEFINER;
-ALTER FUNCTION usage_agg.try_consume_quota(uuid, integer, text, text, integer) SECURITY DEFINER;
-ALTER FUNCTION usage_agg.refund_quota(text) SECURITY DEFINER;
-ALTER FUNCTION usage_agg.quota_status(uuid) SECURITY DEFINER;
+-- (consume_quota and try_consume_quota are created SECURITY DEFINER in
+-- src/quotas.rs, refund_quota and quota_status in sql/quotas.sql.)
 
 REVOKE EXECUTE ON FUNCTION
     usage_agg.consume_quota(uuid, integer, text, text, integer),
@@ -23,6 +21,7 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg.reset_expired_quotas(),
     usage_agg.cleanup_old_key_usage_logs(interval),
     usage_agg.cleanup_old_daily_logs(interval),
+    usage_agg.cleanup_old_quota_logs(interval),
     usage_agg.run_maintenance(),
     usage_agg.schedule_maintenance(text),
     usage_agg.unschedule_maintenance(),
@@ -34,7 +33,10 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg._verify_recent_days(),
     usage_agg._rebuild_key_day(date),
     usage_agg._cleanup_key_days(date),
-    usage_agg._key_days_from_users(date)
+    usage_agg._key_days_from_users(date),
+    usage_agg._record_alerts(uuid, text, date, numeric, numeric, numeric, timestamptz),
+    usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
+    usage_agg._cost_alerts(uuid[], date[], numeric[])
 FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE
     usage_agg.expire_key_usage_logs(interval, bigint),
@@ -99,7 +101,8 @@ BEGIN
                            usage_agg.pending_key_deltas,
                            usage_agg.key_daily_usage, usage_agg.key_daily_usage_by_model,
                            usage_agg.key_monthly_usage, usage_agg.key_health,
-                           usage_agg.service_daily_usage, usage_agg.service_monthly_usage
+                           usage_agg.service_daily_usage, usage_agg.service_monthly_usage,
+                           usage_agg.user_limits, usage_agg.alerts
                     TO %I', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.quota_status(uuid) TO %I', role_name);
 END;

@@ -1068,7 +1068,8 @@ BEGIN
                            usage_agg.pending_key_deltas,
                            usage_agg.key_daily_usage, usage_agg.key_daily_usage_by_model,
                            usage_agg.key_monthly_usage, usage_agg.key_health,
-                           usage_agg.service_daily_usage, usage_agg.service_monthly_usage
+                           usage_agg.service_daily_usage, usage_agg.service_monthly_usage,
+                           usage_agg.user_limits, usage_agg.alerts
                     TO %I', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.quota_status(uuid) TO %I', role_name);
 END;
@@ -1090,7 +1091,8 @@ SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.
                CASE WHEN s.step = 'post_restore' THEN rs.restored_at IS NOT NULL
                     ELSE (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') END AS overdue
           FROM (VALUES (0, 'post_restore'), (1, 'apply_pending_deltas'), (2, 'verify_recent_days'),
-                       (3, 'cleanup_old_key_usage_logs'), (4, 'cleanup_old_daily_logs'), (5, 'reset_expired_quotas'))
+                       (3, 'cleanup_old_key_usage_logs'), (4, 'cleanup_old_daily_logs'), (5, 'reset_expired_quotas'),
+                       (6, 'cleanup_old_quota_logs'))
                AS s(ord, step)
           CROSS JOIN (SELECT min(r.restored_at) AS restored_at FROM usage_agg.restores r WHERE r.healed_at IS NULL) rs
           LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r
@@ -1279,6 +1281,695 @@ BEGIN
 END;
 $$;
 
+-- Money budgets and alerts: a monthly cost budget per plan, per-user
+-- overrides, alert thresholds, the alerts table and the functions that fill it.
+ALTER TABLE usage_agg.quota_plans ADD COLUMN monthly_cost_budget numeric,
+    ADD CONSTRAINT quota_plans_monthly_cost_budget_finite_not_negative
+        CHECK (monthly_cost_budget >= 0 AND monthly_cost_budget < 'Infinity'::numeric);
+COMMENT ON TABLE usage_agg.quota_plans IS
+    'Membership plans: monthly quota (units), optional daily cost limit and monthly cost budget (NULL: none). Plans are ordered by monthly_quota.';
+ALTER TABLE usage_agg.config ADD COLUMN alert_thresholds numeric[] NOT NULL DEFAULT '{80,100}',
+    ADD CONSTRAINT config_alert_thresholds_range CHECK (
+        cardinality(alert_thresholds) <= 10 AND array_position(alert_thresholds, NULL) IS NULL
+        AND 0 < ALL (alert_thresholds) AND 1000 >= ALL (alert_thresholds));
+COMMENT ON COLUMN usage_agg.config.alert_thresholds IS
+    'Percentages of a monthly quota, daily cost limit or monthly budget at which usage_agg.alerts records a crossing (empty: no alerts)';
+-- Quota logs and alerts expire (run_maintenance() step cleanup_old_quota_logs).
+ALTER TABLE usage_agg.config ADD COLUMN quota_log_retention interval NOT NULL DEFAULT '90 days',
+    ADD COLUMN alert_retention interval NOT NULL DEFAULT '400 days',
+    ADD CONSTRAINT config_quota_log_retention_covers_a_month CHECK (quota_log_retention >= interval '31 days'),
+    ADD CONSTRAINT config_alert_retention_covers_a_month CHECK (alert_retention >= interval '31 days');
+COMMENT ON COLUMN usage_agg.config.quota_log_retention IS
+    'run_maintenance() deletes quota_usage_logs rows older than this (the totals stay in quotas; a request_id older than this is no longer recognised)';
+COMMENT ON COLUMN usage_agg.config.alert_retention IS
+    'run_maintenance() deletes usage_agg.alerts rows older than this';
+CREATE INDEX quota_usage_logs_created_at ON usage_agg.quota_usage_logs USING brin (created_at);
+CREATE OR REPLACE FUNCTION usage_agg._config_validate() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- The name of async mode before 0.3.0.
+    IF NEW.fold_mode = 'deferred' THEN
+        NEW.fold_mode := 'async';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names WHERE name = NEW.timezone) THEN
+        RAISE EXCEPTION 'usage_agg: invalid time zone "%"', NEW.timezone
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'usage_agg.config.timezone must be a time zone name known to the server.',
+                  HINT = 'Use an IANA name such as ''UTC'', ''Asia/Shanghai'' or ''America/New_York'' (see pg_timezone_names).';
+    END IF;
+    IF TG_OP = 'INSERT' AND EXISTS (SELECT 1 FROM usage_agg.config) THEN
+        -- A restore (pg_dump data of this config table) lands on the row that
+        -- CREATE EXTENSION made: take the restored values instead of failing.
+        UPDATE usage_agg.config
+           SET timezone = NEW.timezone,
+               detail_retention = NEW.detail_retention,
+               daily_retention = NEW.daily_retention,
+               cleanup_batch_size = NEW.cleanup_batch_size,
+               fold_mode = NEW.fold_mode,
+               apply_interval = NEW.apply_interval,
+               pending_alert_after = NEW.pending_alert_after,
+               verify_recent_days = NEW.verify_recent_days,
+               repair_drift = NEW.repair_drift,
+               alert_thresholds = NEW.alert_thresholds,
+               quota_log_retention = NEW.quota_log_retention,
+               alert_retention = NEW.alert_retention;
+        -- The restored detail is folded again on top of the restored aggregates:
+        -- usage_agg.post_restore() (which run_maintenance() runs) recomputes them.
+        INSERT INTO usage_agg.restores (restored_at) VALUES (now());
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE OR REPLACE FUNCTION usage_agg._quota_plans_restore() RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE usage_agg.quota_plans
+       SET monthly_quota = NEW.monthly_quota, daily_cost_limit = NEW.daily_cost_limit,
+           monthly_cost_budget = NEW.monthly_cost_budget
+     WHERE membership_level = NEW.membership_level;
+    IF FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+-- From sql/budgets.sql:
+-- Money budgets and threshold alerts (0.4.0).
+--
+-- A plan carries a daily cost limit and a monthly cost budget (NULL: none);
+-- usage_agg.user_limits overrides either for one user. Crossing a threshold of
+-- the monthly quota (where quota is consumed), of the daily cost limit or of
+-- the monthly budget (where costs are folded) records one row in
+-- usage_agg.alerts and sends NOTIFY usage_agg_alerts, in the transaction that
+-- crossed: a rolled-back call alerts nothing, and a unique constraint makes it
+-- once per (user, kind, threshold, period) however many sessions cross at once.
+
+CREATE TABLE usage_agg.user_limits (
+    user_id             uuid        PRIMARY KEY,
+    daily_cost_limit    numeric,
+    monthly_cost_budget numeric,
+    updated_at          timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT user_limits_daily_cost_limit_finite_not_negative
+        CHECK (daily_cost_limit >= 0 AND daily_cost_limit < 'Infinity'::numeric),
+    CONSTRAINT user_limits_monthly_cost_budget_finite_not_negative
+        CHECK (monthly_cost_budget >= 0 AND monthly_cost_budget < 'Infinity'::numeric)
+);
+COMMENT ON TABLE usage_agg.user_limits IS
+    'Per-user overrides of the plan''s daily_cost_limit and monthly_cost_budget (an enterprise deal); NULL keeps the plan''s value';
+
+CREATE TABLE usage_agg.alerts (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id     uuid        NOT NULL,
+    kind        text        NOT NULL,
+    threshold   numeric     NOT NULL,
+    period      date        NOT NULL,
+    value       numeric     NOT NULL,
+    limit_value numeric     NOT NULL,
+    at          timestamptz NOT NULL,
+    CONSTRAINT alerts_kind_known CHECK (kind IN ('monthly_quota', 'daily_cost', 'monthly_budget')),
+    CONSTRAINT alerts_once_per_period UNIQUE (user_id, kind, threshold, period)
+);
+CREATE INDEX alerts_at ON usage_agg.alerts (at);
+COMMENT ON TABLE usage_agg.alerts IS
+    'One row per threshold crossed: kind monthly_quota (units), daily_cost or monthly_budget (money); threshold in percent of limit_value; period is the business day (daily_cost) or the first day of the month; value is what was used when it crossed';
+
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.user_limits', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.alerts', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_agg.alerts_id_seq', '');
+
+-- The fold checks cost alerts only while some plan or user has a cost limit:
+-- every backend's cached settings are dropped when these tables change.
+CREATE TRIGGER quota_plans_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_agg.quota_plans
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_agg._config_changed();
+CREATE TRIGGER user_limits_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_agg.user_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_agg._config_changed();
+
+-- Whether any plan or user has a daily cost limit or a monthly budget.
+CREATE FUNCTION usage_agg._cost_limits_in_use() RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+RETURN EXISTS (SELECT FROM usage_agg.quota_plans p
+                WHERE p.daily_cost_limit IS NOT NULL OR p.monthly_cost_budget IS NOT NULL)
+    OR EXISTS (SELECT FROM usage_agg.user_limits l
+                WHERE l.daily_cost_limit IS NOT NULL OR l.monthly_cost_budget IS NOT NULL);
+
+-- A user's plan and the cost limits that apply (overrides first; users without
+-- a quota row are on plan free).
+CREATE FUNCTION usage_agg._cost_limits(p_user_id uuid,
+                                       OUT membership_level text, OUT daily_cost_limit numeric,
+                                       OUT monthly_cost_budget numeric)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT lv.level,
+           COALESCE(o.daily_cost_limit, p.daily_cost_limit),
+           COALESCE(o.monthly_cost_budget, p.monthly_cost_budget)
+      FROM (SELECT COALESCE((SELECT q.membership_level FROM usage_agg.quotas q WHERE q.user_id = p_user_id),
+                            'free') AS level) lv
+      LEFT JOIN usage_agg.quota_plans p ON p.membership_level = lv.level
+      LEFT JOIN usage_agg.user_limits o ON o.user_id = p_user_id
+$$;
+
+-- The cost a user's folded aggregates hold for the business month that starts
+-- on `month`: its days in daily_logs plus its row in monthly_logs (days already
+-- rolled up), up to and including `through`.
+CREATE FUNCTION usage_agg._folded_month_cost(p_user_id uuid, p_month date, p_through date) RETURNS numeric
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT COALESCE((SELECT sum((d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric)
+                       FROM usage_agg.daily_logs d
+                      WHERE d.user_id = p_user_id AND d.date >= p_month AND d.date <= p_through), 0)
+         + COALESCE((SELECT (m.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
+                       FROM usage_agg.monthly_logs m
+                      WHERE m.user_id = p_user_id AND m.month = p_month), 0)
+$$;
+
+-- Records and announces the thresholds (config.alert_thresholds, in percent of
+-- `limit`) that a step from `before` to `after` crossed; returns how many.
+CREATE FUNCTION usage_agg._record_alerts(p_user_id uuid, p_kind text, p_period date, p_before numeric,
+                                         p_after numeric, p_limit numeric, p_at timestamptz)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a usage_agg.alerts;
+    n integer := 0;
+BEGIN
+    IF p_limit IS NULL OR p_limit <= 0 OR p_after <= p_before THEN
+        RETURN 0;
+    END IF;
+    FOR a IN
+        INSERT INTO usage_agg.alerts AS t (user_id, kind, threshold, period, value, limit_value, at)
+        SELECT p_user_id, p_kind, th.pct, p_period, p_after, p_limit, p_at
+          FROM usage_agg.config c, unnest(c.alert_thresholds) AS th(pct)
+         WHERE p_before * 100 < th.pct * p_limit AND p_after * 100 >= th.pct * p_limit
+         ORDER BY th.pct
+        ON CONFLICT ON CONSTRAINT alerts_once_per_period DO NOTHING
+        RETURNING t.*
+    LOOP
+        PERFORM pg_notify('usage_agg_alerts',
+                          jsonb_build_object('id', a.id, 'user_id', a.user_id, 'kind', a.kind,
+                                            'threshold', a.threshold, 'period', a.period,
+                                            'value', a.value, 'limit', a.limit_value,
+                                            'at', usage_agg._iso_utc(a.at))::text);
+        n := n + 1;
+    END LOOP;
+    RETURN n;
+END;
+$$;
+
+-- A quota step took the user's monthly_used from `before` to `after` (under
+-- the user's row lock) in the quota month that ends at `reset_at`.
+CREATE FUNCTION usage_agg._quota_alerts(p_user_id uuid, p_before integer, p_after integer, p_quota integer,
+                                        p_reset_at timestamptz, p_at timestamptz)
+RETURNS integer
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT usage_agg._record_alerts(p_user_id, 'monthly_quota',
+                                    ((p_reset_at AT TIME ZONE usage_agg._timezone()) - interval '1 month')::date,
+                                    p_before, p_after, p_quota, p_at)
+$$;
+
+-- The fold added `delta` to the cost of (user, day) for each element of the
+-- arrays (costs already written to daily_logs): the daily cost limit and the
+-- monthly budget alerts those additions crossed. Called by the fold only while
+-- _cost_limits_in_use().
+CREATE FUNCTION usage_agg._cost_alerts(p_users uuid[], p_days date[], p_deltas numeric[])
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    v_at timestamptz := clock_timestamp();
+    v_after numeric;
+    n integer := 0;
+BEGIN
+    FOR r IN
+        SELECT f.user_id, f.day, f.delta, l.daily_cost_limit, l.monthly_cost_budget
+          FROM (SELECT u.user_id, u.day, sum(u.delta) AS delta
+                  FROM unnest(p_users, p_days, p_deltas) AS u(user_id, day, delta)
+                 GROUP BY u.user_id, u.day) f
+         CROSS JOIN LATERAL usage_agg._cost_limits(f.user_id) l
+         WHERE f.delta > 0 AND l.daily_cost_limit IS NOT NULL
+         ORDER BY f.user_id, f.day
+    LOOP
+        v_after := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
+                               FROM usage_agg.daily_logs d WHERE d.user_id = r.user_id AND d.date = r.day), 0);
+        n := n + usage_agg._record_alerts(r.user_id, 'daily_cost', r.day, v_after - r.delta, v_after,
+                                          r.daily_cost_limit, v_at);
+    END LOOP;
+    FOR r IN
+        SELECT f.user_id, f.month, f.through, f.delta, l.monthly_cost_budget
+          FROM (SELECT u.user_id, date_trunc('month', u.day)::date AS month, max(u.day) AS through,
+                       sum(u.delta) AS delta
+                  FROM unnest(p_users, p_days, p_deltas) AS u(user_id, day, delta)
+                 GROUP BY u.user_id, date_trunc('month', u.day)) f
+         CROSS JOIN LATERAL usage_agg._cost_limits(f.user_id) l
+         WHERE f.delta > 0 AND l.monthly_cost_budget IS NOT NULL
+         ORDER BY f.user_id, f.month
+    LOOP
+        -- The whole month as folded (days after `through` too: a call folded
+        -- late still counts towards the month it belongs to).
+        v_after := usage_agg._folded_month_cost(r.user_id, r.month, (r.month + interval '1 month - 1 day')::date);
+        n := n + usage_agg._record_alerts(r.user_id, 'monthly_budget', r.month, v_after - r.delta, v_after,
+                                          r.monthly_cost_budget, v_at);
+    END LOOP;
+    RETURN n;
+END;
+$$;
+CREATE OR REPLACE FUNCTION usage_agg._consume(p_user_id uuid, p_amount integer, p_session_id text,
+                                   p_request_id text, p_tokens_used integer, p_raise boolean)
+RETURNS usage_agg.quota_state
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q usage_agg.quotas;
+    v_at timestamptz;
+    v_lock record;
+    v_log usage_agg.quota_usage_logs;
+    v_next usage_agg.quota_plans;
+    v_remaining integer;
+BEGIN
+    PERFORM usage_agg._check_user(p_user_id);
+    IF p_amount IS NULL OR p_amount <= 0 OR p_amount > 1000000 THEN
+        RAISE EXCEPTION 'usage_agg: amount must be between 1 and 1000000'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('amount = %s', coalesce(p_amount::text, 'NULL'));
+    END IF;
+    IF p_tokens_used IS NOT NULL AND p_tokens_used < 0 THEN
+        RAISE EXCEPTION 'usage_agg: tokens_used must not be negative'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('tokens_used = %s', p_tokens_used);
+    END IF;
+    IF length(p_request_id) > 1000 OR length(p_session_id) > 1000 THEN
+        RAISE EXCEPTION 'usage_agg: request_id and session_id are limited to 1000 characters'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
+    q := v_lock.q;
+    v_at := v_lock.at;
+
+    -- Under the row lock every earlier call with this request_id has committed
+    -- (or rolled back), so this check cannot race.
+    IF p_request_id IS NOT NULL THEN
+        SELECT * INTO v_log FROM usage_agg.quota_usage_logs WHERE request_id = p_request_id;
+        IF FOUND THEN
+            IF v_log.user_id <> p_user_id THEN
+                RAISE EXCEPTION 'usage_agg: request_id % belongs to another user', p_request_id
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'request_id must be unique per call.';
+            END IF;
+            RETURN usage_agg._state(q, true, true);
+        END IF;
+    END IF;
+
+    v_remaining := greatest(q.monthly_quota - q.monthly_used, 0);
+    IF p_amount > v_remaining THEN
+        IF NOT p_raise THEN
+            RETURN usage_agg._state(q, false, false);
+        END IF;
+        v_next := usage_agg._next_plan(q.membership_level);
+        RAISE EXCEPTION 'QUOTA_EXCEEDED: user % requested % but only % of % remain this month',
+                p_user_id, p_amount, v_remaining, q.monthly_quota
+            USING ERRCODE = 'UAQ01',
+                  DETAIL = format('requested: %s, remaining: %s, monthly_quota: %s, monthly_used: %s, plan: %s, resets at: %s',
+                                  p_amount, v_remaining, q.monthly_quota, q.monthly_used, q.membership_level,
+                                  usage_agg._iso_utc(q.quota_reset_at)),
+                  HINT = CASE WHEN v_next.membership_level IS NULL
+                              THEN format('%s is the highest plan; the quota resets at %s.',
+                                          q.membership_level, usage_agg._iso_utc(q.quota_reset_at))
+                              ELSE format('Upgrade to plan %s (%s a month), or wait until %s.',
+                                          v_next.membership_level, v_next.monthly_quota,
+                                          usage_agg._iso_utc(q.quota_reset_at)) END;
+    END IF;
+
+    UPDATE usage_agg.quotas
+       SET monthly_used = monthly_used + p_amount, total_used = total_used + p_amount, updated_at = v_at
+     WHERE user_id = p_user_id
+    RETURNING * INTO q;
+    INSERT INTO usage_agg.quota_usage_logs (user_id, session_id, membership_level, amount, tokens_used, request_id, created_at)
+    VALUES (p_user_id, p_session_id, q.membership_level, p_amount, coalesce(p_tokens_used, 0), p_request_id, v_at);
+    PERFORM usage_agg._quota_alerts(p_user_id, q.monthly_used - p_amount, q.monthly_used, q.monthly_quota,
+                                    q.quota_reset_at, v_at);
+    RETURN usage_agg._state(q, true, false);
+END;
+$$;
+CREATE FUNCTION usage_agg.cleanup_old_quota_logs(keep interval DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_cfg usage_agg.config;
+    v_keep interval;
+    v_cutoff timestamptz;
+    v_alert_cutoff timestamptz;
+    v_removed bigint := 0;
+    v_left bigint;
+    v_n bigint;
+    v_started timestamptz := clock_timestamp();
+BEGIN
+    SELECT * INTO v_cfg FROM usage_agg.config;
+    v_keep := usage_agg._check_keep(keep, v_cfg.quota_log_retention, 'cleanup_old_quota_logs');
+    IF v_keep < interval '31 days' THEN
+        RAISE EXCEPTION 'usage_agg: cleanup_old_quota_logs must keep at least 31 days'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('keep = %s', v_keep),
+                  HINT = 'A refund and a replayed request_id need the rows of the current quota month.';
+    END IF;
+    v_cutoff := now() - v_keep;
+    v_alert_cutoff := now() - v_cfg.alert_retention;
+    SELECT (SELECT count(*) FROM usage_agg.quota_usage_logs l WHERE l.created_at < v_cutoff)
+         + (SELECT count(*) FROM usage_agg.alerts a WHERE a.at < v_alert_cutoff)
+      INTO v_left;
+    WHILE v_left > 0 LOOP
+        WITH gone AS (
+            DELETE FROM usage_agg.quota_usage_logs l
+             WHERE l.ctid = ANY (ARRAY(SELECT o.ctid FROM usage_agg.quota_usage_logs o
+                                        WHERE o.created_at < v_cutoff LIMIT v_cfg.cleanup_batch_size))
+               AND l.created_at < v_cutoff
+            RETURNING 1)
+        SELECT count(*) INTO v_n FROM gone;
+        IF v_n = 0 THEN
+            WITH gone AS (
+                DELETE FROM usage_agg.alerts a
+                 WHERE a.id IN (SELECT o.id FROM usage_agg.alerts o
+                                 WHERE o.at < v_alert_cutoff LIMIT v_cfg.cleanup_batch_size)
+                RETURNING 1)
+            SELECT count(*) INTO v_n FROM gone;
+        END IF;
+        EXIT WHEN v_n = 0;
+        v_removed := v_removed + v_n;
+        v_left := greatest(v_left - v_n, 0);
+        RAISE NOTICE 'usage_agg.cleanup_old_quota_logs: % rows deleted, % left, % elapsed',
+            v_removed, v_left, clock_timestamp() - v_started;
+    END LOOP;
+    RETURN v_removed;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.cleanup_old_quota_logs(interval) IS
+    'Deletes quota_usage_logs rows older than keep (default config.quota_log_retention, at least 31 days) and alerts older than config.alert_retention, in batches; the totals in quotas are untouched. Returns rows deleted.';
+CREATE OR REPLACE FUNCTION usage_agg._run_maintenance_step(step text)
+RETURNS usage_agg.maintenance_runs
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_started timestamptz := clock_timestamp();
+    v_rows bigint;
+    v_problem text;
+    v_run usage_agg.maintenance_runs;
+    v_state text;
+    v_message text;
+BEGIN
+    BEGIN
+        CASE step
+            WHEN 'post_restore' THEN
+                -- Only after a restore was noticed (see usage_agg.restores).
+                v_rows := CASE WHEN EXISTS (SELECT 1 FROM usage_agg.restores r WHERE r.healed_at IS NULL)
+                               THEN usage_agg.post_restore() ELSE 0 END;
+            WHEN 'apply_pending_deltas' THEN v_rows := usage_agg.apply_pending_deltas();
+            WHEN 'verify_recent_days' THEN
+                SELECT v.drifted, v.problem INTO v_rows, v_problem FROM usage_agg._verify_recent_days() v;
+            WHEN 'cleanup_old_key_usage_logs' THEN v_rows := usage_agg.cleanup_old_key_usage_logs();
+            WHEN 'cleanup_old_daily_logs' THEN v_rows := usage_agg.cleanup_old_daily_logs();
+            WHEN 'reset_expired_quotas' THEN v_rows := usage_agg.reset_expired_quotas();
+            WHEN 'cleanup_old_quota_logs' THEN v_rows := usage_agg.cleanup_old_quota_logs();
+        END CASE;
+        INSERT INTO usage_agg.maintenance_runs (step, started, finished, rows, ok, error)
+        VALUES (step, v_started, clock_timestamp(), v_rows, v_problem IS NULL, v_problem)
+        RETURNING * INTO v_run;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_message = MESSAGE_TEXT;
+        INSERT INTO usage_agg.maintenance_runs (step, started, finished, rows, ok, error)
+        VALUES (step, v_started, clock_timestamp(), NULL, false, v_state || ': ' || v_message)
+        RETURNING * INTO v_run;
+        RAISE WARNING 'usage_agg.run_maintenance: step % failed: %', step, v_message
+            USING DETAIL = 'SQLSTATE ' || v_state || '. The other steps ran; see usage_agg.maintenance_runs.';
+    END;
+    RETURN v_run;
+END;
+$$;
+CREATE OR REPLACE FUNCTION usage_agg.run_maintenance()
+RETURNS SETOF usage_agg.maintenance_runs
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_step text;
+BEGIN
+    -- A cancel (or statement_timeout) stops them all.
+    FOREACH v_step IN ARRAY ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
+                                  'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
+                                  'cleanup_old_quota_logs'] LOOP
+        RETURN NEXT usage_agg._run_maintenance_step(v_step);
+    END LOOP;
+    PERFORM usage_agg._trim_maintenance_runs();
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.run_maintenance() IS
+    'Runs post_restore (after a restore), apply_pending_deltas, verify_recent_days (drift, repaired with config.repair_drift), cleanup_old_key_usage_logs, cleanup_old_daily_logs, reset_expired_quotas and cleanup_old_quota_logs in one transaction, each logged in usage_agg.maintenance_runs; a failing step does not stop the others. CALL usage_agg.maintain() does the same committing as it goes.';
+CREATE OR REPLACE PROCEDURE usage_agg.maintain()
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    v_step text;
+    v_id uuid;
+    v_rows bigint;
+BEGIN
+    FOREACH v_step IN ARRAY ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days'] LOOP
+        PERFORM usage_agg._run_maintenance_step(v_step);
+        COMMIT;
+    END LOOP;
+    FOREACH v_step IN ARRAY ARRAY['cleanup_old_key_usage_logs', 'cleanup_old_daily_logs'] LOOP
+        INSERT INTO usage_agg.maintenance_runs (step, started, finished, ok, error)
+        VALUES (v_step, pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp(), false,
+                'did not finish: failed or cancelled (see the server log)')
+        RETURNING id INTO v_id;
+        COMMIT;
+        IF v_step OPERATOR(pg_catalog.=) 'cleanup_old_key_usage_logs' THEN
+            CALL usage_agg.expire_key_usage_logs(NULL, v_rows);
+        ELSE
+            CALL usage_agg.expire_daily_logs(NULL, v_rows);
+        END IF;
+        UPDATE usage_agg.maintenance_runs
+           SET finished = pg_catalog.clock_timestamp(), rows = v_rows, ok = true, error = NULL
+         WHERE id OPERATOR(pg_catalog.=) v_id;
+        COMMIT;
+    END LOOP;
+    PERFORM usage_agg._run_maintenance_step('reset_expired_quotas');
+    COMMIT;
+    PERFORM usage_agg._run_maintenance_step('cleanup_old_quota_logs');
+    PERFORM usage_agg._trim_maintenance_runs();
+END;
+$$;
+COMMENT ON PROCEDURE usage_agg.maintain() IS
+    'run_maintenance() as a procedure that commits after every step and every cleanup batch (what schedule_maintenance() schedules); CALL it outside a transaction block';
+-- check_usage_limit reports the month too (new result columns).
+DROP FUNCTION usage_agg.check_usage_limit(uuid, timestamptz);
+CREATE FUNCTION usage_agg.check_usage_limit(user_id uuid, at timestamptz DEFAULT now())
+RETURNS TABLE (membership_level text, today_cost numeric, daily_cost_limit numeric, remaining numeric,
+               allowed boolean, month_cost numeric, monthly_cost_budget numeric, month_remaining numeric)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_day date;
+    v_month date;
+    v_limits record;
+    v_cost numeric;
+    v_month_cost numeric;
+BEGIN
+    PERFORM usage_agg._check_reader_args($1, $2);
+    v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
+    v_month := date_trunc('month', v_day)::date;
+    SELECT * INTO v_limits FROM usage_agg._cost_limits($1);
+    v_cost := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
+                          FROM usage_agg.daily_logs d
+                         WHERE d.user_id = $1 AND d.date = v_day), 0)
+            + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
+                         WHERE p.user_id = $1 AND p.day = v_day), 0);
+    v_month_cost := usage_agg._folded_month_cost($1, v_month, v_day)
+            + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
+                         WHERE p.user_id = $1 AND p.day >= v_month AND p.day <= v_day), 0);
+    RETURN QUERY SELECT v_limits.membership_level, v_cost, v_limits.daily_cost_limit,
+                        CASE WHEN v_limits.daily_cost_limit IS NOT NULL
+                             THEN greatest(v_limits.daily_cost_limit - v_cost, 0) END,
+                        COALESCE(v_cost < v_limits.daily_cost_limit, true)
+                            AND COALESCE(v_month_cost < v_limits.monthly_cost_budget, true),
+                        v_month_cost, v_limits.monthly_cost_budget,
+                        CASE WHEN v_limits.monthly_cost_budget IS NOT NULL
+                             THEN greatest(v_limits.monthly_cost_budget - v_month_cost, 0) END;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.check_usage_limit(uuid, timestamptz) IS
+    'Today''s and this month''s cost of a user against the daily_cost_limit and monthly_cost_budget that apply (plan or user_limits; NULL: none): remaining, and allowed when both are below their limits';
+
+-- The quota functions take user_id, level and request_id in named notation
+-- (they were p_user_id, p_level, p_request_id), and quota_status reports the
+-- units used today. A parameter cannot be renamed in place, so these three are
+-- dropped and created again; the roles they were granted to keep their grant
+-- (the ACL is carried over as it was, so pg_dump still dumps those grants).
+SELECT pg_catalog.set_config('usage_agg_update.acl_' || p.proname, COALESCE(p.proacl::text, ''), true)
+  FROM pg_catalog.pg_proc p
+ WHERE p.oid IN ('usage_agg.quota_status(uuid)'::pg_catalog.regprocedure,
+                 'usage_agg.set_membership(uuid, text)'::pg_catalog.regprocedure,
+                 'usage_agg.refund_quota(text)'::pg_catalog.regprocedure);
+DROP FUNCTION usage_agg.quota_status(uuid);
+DROP FUNCTION usage_agg.set_membership(uuid, text);
+DROP FUNCTION usage_agg.refund_quota(text);
+CREATE TYPE usage_agg.quota_status_result AS (
+    user_id          uuid,
+    membership_level text,
+    monthly_quota    integer,
+    monthly_used     integer,
+    remaining        integer,
+    quota_reset_at   timestamptz,
+    total_used       bigint,
+    percent_used     numeric,
+    low_quota        boolean,
+    next_plan        text,
+    today_used       bigint
+);
+CREATE FUNCTION usage_agg.quota_status(user_id uuid)
+RETURNS usage_agg.quota_status_result
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q usage_agg.quotas;
+    v_lock record;
+    v_pct numeric;
+    v_tz text;
+    v_today date;
+BEGIN
+    PERFORM usage_agg._check_user($1);
+    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
+    q := v_lock.q;
+    v_pct := CASE WHEN q.monthly_quota = 0 THEN 100
+                  ELSE round(100.0 * q.monthly_used / q.monthly_quota, 2) END;
+    v_tz := usage_agg._timezone();
+    v_today := (v_lock.at AT TIME ZONE v_tz)::date;
+    RETURN ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
+               greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
+               v_pct, v_pct > 80, (usage_agg._next_plan(q.membership_level)).membership_level,
+               COALESCE((SELECT sum(l.amount) FROM usage_agg.quota_usage_logs l
+                          WHERE l.user_id = $1 AND l.refunded_at IS NULL
+                            AND l.created_at >= usage_agg._day_start(v_today, v_tz)
+                            AND l.created_at < usage_agg._day_start(v_today + 1, v_tz)), 0)
+              )::usage_agg.quota_status_result;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.quota_status(uuid) IS
+    'The user''s quota state with percent used, a low-quota flag (above 80%), the next plan up and the units consumed today';
+CREATE FUNCTION usage_agg.set_membership(user_id uuid, level text)
+RETURNS usage_agg.quota_state
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q usage_agg.quotas;
+    v_lock record;
+    v_plan usage_agg.quota_plans;
+BEGIN
+    PERFORM usage_agg._check_user($1);
+    SELECT * INTO v_plan FROM usage_agg.quota_plans p WHERE p.membership_level = $2;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'usage_agg: unknown plan %', coalesce(quote_literal($2), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('Known plans: %s.', (SELECT string_agg(p.membership_level, ', ' ORDER BY p.monthly_quota)
+                                                      FROM usage_agg.quota_plans p));
+    END IF;
+    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
+    UPDATE usage_agg.quotas t
+       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = v_lock.at
+     WHERE t.user_id = $1
+    RETURNING * INTO q;
+    RETURN usage_agg._state(q, true, false);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.set_membership(uuid, text) IS
+    'Moves the user to a plan at once, keeping what was used this month';
+CREATE FUNCTION usage_agg.refund_quota(request_id text)
+RETURNS usage_agg.quota_state
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_user uuid;
+    v_log usage_agg.quota_usage_logs;
+    q usage_agg.quotas;
+    v_lock record;
+BEGIN
+    IF $1 IS NULL THEN
+        RAISE EXCEPTION 'usage_agg: request_id must not be NULL'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT l.user_id INTO v_user FROM usage_agg.quota_usage_logs l WHERE l.request_id = $1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'usage_agg: no consumption with request_id %', $1
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Only calls made with a request_id can be refunded.';
+    END IF;
+    -- Same lock order as consume: the user's quota row first, then the log row.
+    SELECT * INTO v_lock FROM usage_agg._lock_quota(v_user);
+    q := v_lock.q;
+    SELECT * INTO v_log FROM usage_agg.quota_usage_logs l WHERE l.request_id = $1 FOR UPDATE;
+    IF v_log.refunded_at IS NOT NULL THEN
+        RETURN usage_agg._state(q, false, true);
+    END IF;
+    UPDATE usage_agg.quota_usage_logs l SET refunded_at = v_lock.at WHERE l.id = v_log.id;
+    -- Only a consumption of the current month gives monthly quota back.
+    UPDATE usage_agg.quotas t
+       SET monthly_used = CASE WHEN v_log.created_at >= usage_agg._month_before(q.quota_reset_at)
+                               THEN greatest(t.monthly_used - v_log.amount, 0) ELSE t.monthly_used END,
+           total_used = greatest(t.total_used - v_log.amount, 0),
+           updated_at = v_lock.at
+     WHERE t.user_id = v_user
+    RETURNING * INTO q;
+    RETURN usage_agg._state(q, true, false);
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.refund_quota(text) IS
+    'Gives back the consumption made with request_id, exactly once (allowed = true when refunded now, replayed = true when it already was)';
+REVOKE EXECUTE ON FUNCTION usage_agg.quota_status(uuid), usage_agg.set_membership(uuid, text),
+    usage_agg.refund_quota(text) FROM PUBLIC;
+UPDATE pg_catalog.pg_proc p
+   SET proacl = NULLIF(pg_catalog.current_setting('usage_agg_update.acl_' || p.proname), '')::pg_catalog.aclitem[]
+ WHERE p.oid IN ('usage_agg.quota_status(uuid)'::pg_catalog.regprocedure,
+                 'usage_agg.set_membership(uuid, text)'::pg_catalog.regprocedure,
+                 'usage_agg.refund_quota(text)'::pg_catalog.regprocedure);
+
+-- consume_quota and try_consume_quota: the common case in Rust (one kept
+-- statement), the rest in _consume as before; SECURITY DEFINER without SET.
+CREATE OR REPLACE FUNCTION usage_agg.consume_quota(user_id uuid, amount integer DEFAULT 1, session_id text DEFAULT NULL,
+                                        request_id text DEFAULT NULL, tokens_used integer DEFAULT 0)
+    RETURNS usage_agg.quota_state
+    LANGUAGE c VOLATILE SECURITY DEFINER
+    AS 'MODULE_PATHNAME', 'consume_quota_wrapper';
+COMMENT ON FUNCTION usage_agg.consume_quota(uuid, integer, text, text, integer) IS
+    'Atomically deducts amount from the user''s monthly quota and logs it; raises SQLSTATE UAQ01 (QUOTA_EXCEEDED) when it would be exceeded';
+CREATE OR REPLACE FUNCTION usage_agg.try_consume_quota(user_id uuid, amount integer DEFAULT 1, session_id text DEFAULT NULL,
+                                            request_id text DEFAULT NULL, tokens_used integer DEFAULT 0)
+    RETURNS usage_agg.quota_state
+    LANGUAGE c VOLATILE SECURITY DEFINER
+    AS 'MODULE_PATHNAME', 'try_consume_quota_wrapper';
+COMMENT ON FUNCTION usage_agg.try_consume_quota(uuid, integer, text, text, integer) IS
+    'Like consume_quota, but returns allowed = false instead of raising when the quota would be exceeded';
+
 CREATE FUNCTION usage_agg.schedule_apply(every text DEFAULT '* * * * *')
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -1322,7 +2013,11 @@ COMMENT ON FUNCTION usage_agg.unschedule_apply() IS
 
 REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_key_days(date),
     usage_agg._key_days_from_users(date),
-    usage_agg.schedule_apply(text), usage_agg.unschedule_apply() FROM PUBLIC;
+    usage_agg.schedule_apply(text), usage_agg.unschedule_apply(),
+    usage_agg._record_alerts(uuid, text, date, numeric, numeric, numeric, timestamptz),
+    usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
+    usage_agg._cost_alerts(uuid[], date[], numeric[]),
+    usage_agg.cleanup_old_quota_logs(interval) FROM PUBLIC;
 -- CREATE OR REPLACE VIEW resets the view's options.
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);

@@ -49,6 +49,9 @@ pub struct FoldConfig {
     pub has_pending_table: bool,
     /// `config.apply_interval` in milliseconds (1000 before 0.3.0).
     pub apply_interval_ms: i64,
+    /// Some plan or user has a daily cost limit or a monthly budget: the fold
+    /// checks the cost alerts of what it adds (current catalog only).
+    pub cost_limits: bool,
 }
 
 kept_statement! {
@@ -72,17 +75,33 @@ kept_statement! {
     }
 }
 
+kept_statement! {
+    /// Whether cost alerts need checking, and the tables whose changes drop the
+    /// cached answer (their triggers announce every change, as config's does).
+    READ_COST_LIMITS {
+        what: "reading usage_agg.quota_plans and usage_agg.user_limits",
+        sql: Sql::Text("
+            SELECT usage_agg._cost_limits_in_use(),
+                   'usage_agg.quota_plans'::pg_catalog.regclass::pg_catalog.oid,
+                   'usage_agg.user_limits'::pg_catalog.regclass::pg_catalog.oid"),
+        args: [],
+        mutating: false,
+    }
+}
+
 thread_local! {
     static CONFIG: RefCell<Option<FoldConfig>> = const { RefCell::new(None) };
-    static CONFIG_OID: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
+    /// config, quota_plans and user_limits: a relcache invalidation of any of
+    /// them drops the cached copy.
+    static WATCHED_OIDS: Cell<[pg_sys::Oid; 3]> = const { Cell::new([pg_sys::InvalidOid; 3]) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 unsafe extern "C-unwind" fn config_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
-    let ours = CONFIG_OID.with(Cell::get);
-    if relid == pg_sys::InvalidOid || relid == ours {
+    let watched = WATCHED_OIDS.with(Cell::get);
+    if relid == pg_sys::InvalidOid || watched.contains(&relid) {
         CONFIG.with(|c| c.replace(None));
-        CONFIG_OID.with(|o| o.set(pg_sys::InvalidOid));
+        WATCHED_OIDS.with(|o| o.set([pg_sys::InvalidOid; 3]));
     }
 }
 
@@ -105,17 +124,22 @@ pub fn read(client: &SpiClient<'_>) -> FoldConfig {
     }
     let row = READ_CONFIG.run(client, &[]).first();
     let mode: Option<String> = column(&row, 2);
-    let config = FoldConfig {
+    let mut config = FoldConfig {
         timezone: column::<String>(&row, 1).unwrap_or_else(|| "UTC".to_string()),
         mode: FoldMode::parse(mode.as_deref()),
         current_catalog: column::<bool>(&row, 4).unwrap_or(false),
         apply_interval_ms: column::<i64>(&row, 5).unwrap_or(1000),
         has_pending_table: column::<bool>(&row, 6).unwrap_or(false),
+        cost_limits: false,
     };
-    let oid = column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
-    // Cached only where the config_changed trigger announces changes.
+    let config_oid = column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
+    // Cached only where the config_changed triggers announce changes.
     if config.current_catalog {
-        CONFIG_OID.with(|o| o.set(oid));
+        let limits = READ_COST_LIMITS.run(client, &[]).first();
+        config.cost_limits = column::<bool>(&limits, 1).unwrap_or(false);
+        let plans_oid = column::<pg_sys::Oid>(&limits, 2).unwrap_or(pg_sys::InvalidOid);
+        let user_limits_oid = column::<pg_sys::Oid>(&limits, 3).unwrap_or(pg_sys::InvalidOid);
+        WATCHED_OIDS.with(|o| o.set([config_oid, plans_oid, user_limits_oid]));
         CONFIG.with(|c| c.replace(Some(config.clone())));
     }
     config

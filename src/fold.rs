@@ -411,9 +411,11 @@ pub fn write_groups(
     timezone: &str,
     tolerant: bool,
 ) -> Written {
+    let added_costs = added_costs(&groups);
     // Who joined or left a key's day matters to the per-key aggregates only.
     if !crate::settings::per_key_aggregates() {
         let skipped = write_day_rows(client, groups, timezone, tolerant);
+        check_cost_alerts(client, added_costs, &skipped);
         return Written {
             skipped,
             changes: Vec::new(),
@@ -429,6 +431,7 @@ pub fn write_groups(
         .collect();
     let skipped = write_day_rows(client, groups, timezone, tolerant);
     drop(observing);
+    check_cost_alerts(client, added_costs, &skipped);
     let observed = OBSERVED.with(|o| std::mem::take(&mut *o.borrow_mut()));
     fresh.retain(|(k, _)| !observed.contains_key(k) && !skipped.iter().any(|s| &s.key == k));
     let mut changes = Vec::new();
@@ -444,6 +447,52 @@ pub fn write_groups(
         }
     }
     Written { skipped, changes }
+}
+
+kept_statement! {
+    /// The daily cost limit and monthly budget alerts of the costs a write
+    /// added (`_cost_alerts` reads the days as now written).
+    COST_ALERTS {
+        what: "checking cost alerts",
+        sql: Sql::Text("
+            SELECT usage_agg._cost_alerts(
+                       $1,
+                       ARRAY(SELECT DATE '2000-01-01' OPERATOR(pg_catalog.+) x.day
+                               FROM pg_catalog.unnest($2) WITH ORDINALITY AS x(day, ord) ORDER BY x.ord),
+                       $3::pg_catalog.numeric[])"),
+        args: [UUIDARRAYOID, INT4ARRAYOID, TEXTARRAYOID],
+        mutating: true,
+    }
+}
+
+/// The (user, day)s to which a write adds cost, with the amount as exact
+/// decimal text; empty while no plan or user has a cost limit.
+fn added_costs(groups: &BTreeMap<Key, DayDelta>) -> Vec<(Key, String)> {
+    if !crate::config::cached().is_some_and(|c| c.cost_limits) {
+        return Vec::new();
+    }
+    let zero = bigdecimal::BigDecimal::default();
+    groups
+        .iter()
+        .filter(|(_, d)| d.cost > zero)
+        .map(|(k, d)| (*k, d.cost.to_string()))
+        .collect()
+}
+
+/// Records the cost alerts that the written additions crossed (in the
+/// transaction that folds them, so a rolled-back fold alerts nothing).
+fn check_cost_alerts(client: &mut SpiClient<'_>, added: Vec<(Key, String)>, skipped: &[Skipped]) {
+    let added: Vec<_> = added
+        .into_iter()
+        .filter(|(k, _)| !skipped.iter().any(|s| &s.key == k))
+        .collect();
+    if added.is_empty() {
+        return;
+    }
+    let users: Vec<Uuid> = added.iter().map(|((u, _), _)| *u).collect();
+    let days: Vec<i32> = added.iter().map(|((_, d), _)| *d).collect();
+    let costs: Vec<String> = added.into_iter().map(|(_, c)| c).collect();
+    COST_ALERTS.run(client, &[users.into(), days.into(), costs.into()]);
 }
 
 fn write_day_rows(

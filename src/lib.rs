@@ -10,6 +10,7 @@
 //! - `pending`: appends to `pending_deltas` (row by row without SPI, or grouped).
 //! - `grouping`: a statement's inserted rows grouped per (user, day, model, key).
 //! - `logdata`: pure folding of usage into the `log_data` JSON layout.
+//! - `quotas`: consume_quota's common case in one kept statement.
 //! - `keys`: the per-key and service aggregates (written by applies only).
 //! - `keydata`: pure folding of their documents.
 //! - `retention`: the roll-up merge of daily into monthly documents.
@@ -35,6 +36,7 @@ mod keys;
 mod logdata;
 mod pending;
 mod plans;
+mod quotas;
 mod retention;
 mod settings;
 mod trigger;
@@ -65,6 +67,11 @@ extension_sql_file!(
 extension_sql_file!("../sql/verify.sql", name = "verify", requires = ["schema"]);
 extension_sql_file!("../sql/quotas.sql", name = "quotas", requires = ["schema"]);
 extension_sql_file!(
+    "../sql/budgets.sql",
+    name = "budgets",
+    requires = ["schema", "quotas", config_changed]
+);
+extension_sql_file!(
     "../sql/keys.sql",
     name = "keys",
     requires = ["schema", "verify", keys::rollup_add]
@@ -84,7 +91,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../sql/reads.sql",
     name = "reads",
-    requires = ["schema", "quotas", "retention"]
+    requires = ["schema", "quotas", "budgets", "retention"]
 );
 extension_sql_file!(
     "../sql/import.sql",

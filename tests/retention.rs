@@ -441,6 +441,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "cleanup_old_key_usage_logs true 119 ".to_string(),
             "cleanup_old_daily_logs false NULL XX001: usage_agg: cannot roll a daily_logs row up into monthly_logs: corrupted field \"api_call_count\"".to_string(),
             "reset_expired_quotas true 1 ".to_string(),
+            "cleanup_old_quota_logs true 0 ".to_string(),
         ]
     );
     // The failed step left nothing half-done.
@@ -454,7 +455,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     );
     assert_eq!(
         scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.maintenance_runs"),
-        6
+        7
     );
     let health = |c: &mut Client| -> Vec<String> {
         c.query(
@@ -477,6 +478,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "cleanup_old_key_usage_logs true 119 false false",
             "cleanup_old_daily_logs false NULL true true",
             "reset_expired_quotas true 1 false false",
+            "cleanup_old_quota_logs true 0 false false",
             // No background applier on this cluster, nothing pending.
             "background_fold NULL 0 false false",
         ]
@@ -498,6 +500,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "cleanup_old_key_usage_logs true 0 false false",
             "cleanup_old_daily_logs true 59 false false",
             "reset_expired_quotas true 0 false false",
+            "cleanup_old_quota_logs true 0 false false",
             "background_fold NULL 0 false false",
         ]
     );
@@ -557,7 +560,7 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        6
+        7
     );
     // ... and when pg_cron runs it: every minute, so within about a minute.
     assert_eq!(
@@ -589,14 +592,14 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        12
+        14
     );
     assert_eq!(
         scalar_i64(
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_health WHERE NOT overdue AND last_run_ok AND NOT alert"
         ),
-        6
+        7
     );
 
     assert!(c

@@ -190,6 +190,21 @@ fn a_hostile_search_path_changes_nothing() {
              CREATE FUNCTION evil.numeric_plus(numeric, numeric) RETURNS numeric LANGUAGE sql
                  AS $$ INSERT INTO evil.calls VALUES ('+') RETURNING 0::numeric $$;
              CREATE OPERATOR evil.+ (LEFTARG = numeric, RIGHTARG = numeric, FUNCTION = evil.numeric_plus);
+             -- What the kept statement of consume_quota's common case uses.
+             CREATE FUNCTION evil.int_minus(integer, integer) RETURNS integer LANGUAGE sql
+                 AS $$ INSERT INTO evil.calls VALUES ('-') RETURNING 0 $$;
+             CREATE OPERATOR evil.- (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.int_minus);
+             CREATE FUNCTION evil.int_le(integer, integer) RETURNS boolean LANGUAGE sql
+                 AS $$ INSERT INTO evil.calls VALUES ('<=') RETURNING true $$;
+             CREATE OPERATOR evil.<= (LEFTARG = integer, RIGHTARG = integer, FUNCTION = evil.int_le);
+             CREATE FUNCTION evil.uuid_eq(uuid, uuid) RETURNS boolean LANGUAGE sql
+                 AS $$ INSERT INTO evil.calls VALUES ('=') RETURNING true $$;
+             CREATE OPERATOR evil.= (LEFTARG = uuid, RIGHTARG = uuid, FUNCTION = evil.uuid_eq);
+             CREATE FUNCTION evil.ts_lt(timestamptz, timestamptz) RETURNS boolean LANGUAGE sql
+                 AS $$ INSERT INTO evil.calls VALUES ('<') RETURNING true $$;
+             CREATE OPERATOR evil.< (LEFTARG = timestamptz, RIGHTARG = timestamptz, FUNCTION = evil.ts_lt);
+             CREATE FUNCTION evil.length(text) RETURNS integer LANGUAGE sql
+                 AS $$ INSERT INTO evil.calls VALUES ('length') RETURNING 0 $$;
              GRANT ALL ON SCHEMA evil TO PUBLIC;",
         )
         .unwrap();
@@ -203,6 +218,9 @@ fn a_hostile_search_path_changes_nothing() {
          SELECT '{U}', 'm', 5, 0.5, '2026-05-01 11:00+00' FROM generate_series(1, 99);
          UPDATE usage_agg.key_usage_logs SET tokens_used = 6 WHERE created_at = '2026-05-01 10:00+00';
          SELECT usage_agg.consume_quota('{U}', 2);
+         SELECT usage_agg.consume_quota('{U}', 3, 'session', 'request-1');
+         SELECT usage_agg.try_consume_quota('{U}', 1);
+         SELECT usage_agg.consume_quota('{U}', 3, 'session', 'request-1');
          SELECT usage_agg.quota_status('{U}');
          SELECT * FROM usage_agg.usage_summary('{U}', '2026-05-01 12:00+00');
          SELECT * FROM usage_agg.check_usage_limit('{U}', '2026-05-01 12:00+00');
@@ -231,7 +249,7 @@ fn a_hostile_search_path_changes_nothing() {
             &mut c,
             &format!("SELECT monthly_used::text FROM usage_agg.quotas WHERE user_id = '{U}'")
         ),
-        Some("2".to_string())
+        Some("6".to_string())
     );
     assert_eq!(
         verify(&mut admin, "2026-05-01", "2026-05-01"),

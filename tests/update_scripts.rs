@@ -5,7 +5,7 @@
 //! install` wrote, so every function exists in exactly one source file). A
 //! template is SQL plus directive lines:
 //! - `-- @create NAME`: the install script's CREATE statement of NAME (a
-//!   function, procedure, aggregate or view), with its COMMENTs;
+//!   function, procedure, aggregate, view or type), with its COMMENTs;
 //! - `-- @replace NAME`: the same as CREATE OR REPLACE;
 //! - `-- @include PATH`: a file of the repository, verbatim (a new `sql/` file).
 //!
@@ -124,7 +124,7 @@ fn body(statement: &str) -> String {
 /// whether it is a COMMENT.
 fn subject(body: &str) -> Option<(String, bool)> {
     let words: Vec<&str> = body.split_whitespace().collect();
-    let kinds = ["FUNCTION", "PROCEDURE", "AGGREGATE", "VIEW"];
+    let kinds = ["FUNCTION", "PROCEDURE", "AGGREGATE", "VIEW", "TYPE"];
     let (name, comment) = match words.as_slice() {
         ["CREATE", "OR", "REPLACE", kind, name, ..] if kinds.contains(kind) => (*name, false),
         ["CREATE", kind, name, ..] if kinds.contains(kind) => (*name, false),

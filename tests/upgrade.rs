@@ -35,7 +35,8 @@ fn data_fingerprint(c: &mut Client) -> Vec<String> {
                 .query(
                     "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
                       WHERE attrelid = ('usage_agg.' || $1)::regclass AND attnum > 0 AND NOT attisdropped
-                        AND attname NOT IN ('fold_mode', 'apply_interval', 'pending_alert_after', 'verify_recent_days', 'repair_drift')",
+                        AND attname NOT IN ('fold_mode', 'apply_interval', 'pending_alert_after', 'verify_recent_days', 'repair_drift',
+                                            'alert_thresholds', 'quota_log_retention', 'alert_retention', 'monthly_cost_budget')",
                     &[t],
                 )
                 .unwrap()[0]
@@ -219,8 +220,34 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
         before.iter().all(|l| !l.contains(": 0 ")),
         "every table holds data before the update: {before:?}"
     );
+    // A role granted quota functions before the update keeps its grants, also
+    // on the functions the update drops and creates again (renamed arguments).
+    let role = format!("ua_upgrade_role_{fresh_name}");
+    old.batch_execute(&format!(
+        "DROP ROLE IF EXISTS {role}; CREATE ROLE {role};
+         GRANT EXECUTE ON FUNCTION usage_agg.refund_quota(text), usage_agg.quota_status(uuid) TO {role};"
+    ))
+    .unwrap();
     old.batch_execute("ALTER EXTENSION usage_agg UPDATE")
         .unwrap();
+    assert_eq!(
+        scalar_text(
+            old,
+            &format!(
+                "SELECT concat_ws(' ', has_function_privilege('{role}', 'usage_agg.refund_quota(text)', 'EXECUTE'),
+                                  has_function_privilege('{role}', 'usage_agg.quota_status(uuid)', 'EXECUTE'),
+                                  has_function_privilege('{role}', 'usage_agg.set_membership(uuid, text)', 'EXECUTE'),
+                                  has_function_privilege('public', 'usage_agg.quota_status(uuid)', 'EXECUTE'))"
+            )
+        ),
+        Some("t t f f".to_string())
+    );
+    old.batch_execute(&format!(
+        "REVOKE ALL ON FUNCTION usage_agg.refund_quota(text), usage_agg.quota_status(uuid) FROM {role};
+         DROP ROLE {role};"
+    ))
+    .unwrap();
+
     assert_eq!(
         scalar_text(
             old,
@@ -229,6 +256,18 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
         Some(env!("CARGO_PKG_VERSION").to_string())
     );
     assert_eq!(data_fingerprint(old), before);
+    // Named and positional calls of the renamed arguments.
+    assert_eq!(
+        scalar_text(
+            old,
+            &format!(
+                "SELECT (SELECT membership_level FROM usage_agg.set_membership(user_id => '{user}', level => 'pro'))
+                        || ' ' || (SELECT membership_level FROM usage_agg.quota_status(user_id => '{user}'))
+                        || ' ' || (SELECT membership_level FROM usage_agg.set_membership('{user}', 'pro'))"
+            )
+        ),
+        Some("pro pro pro".to_string())
+    );
     // An updated install keeps the mode it had ('deferred' is now 'async').
     assert_eq!(
         scalar_text(old, "SELECT fold_mode FROM usage_agg.config"),

@@ -37,12 +37,81 @@ UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful <
 -- @replace usage_agg._verify_recent_days
 -- @replace usage_agg._check_reader_args
 
+-- Money budgets and alerts: a monthly cost budget per plan, per-user
+-- overrides, alert thresholds, the alerts table and the functions that fill it.
+ALTER TABLE usage_agg.quota_plans ADD COLUMN monthly_cost_budget numeric,
+    ADD CONSTRAINT quota_plans_monthly_cost_budget_finite_not_negative
+        CHECK (monthly_cost_budget >= 0 AND monthly_cost_budget < 'Infinity'::numeric);
+COMMENT ON TABLE usage_agg.quota_plans IS
+    'Membership plans: monthly quota (units), optional daily cost limit and monthly cost budget (NULL: none). Plans are ordered by monthly_quota.';
+ALTER TABLE usage_agg.config ADD COLUMN alert_thresholds numeric[] NOT NULL DEFAULT '{80,100}',
+    ADD CONSTRAINT config_alert_thresholds_range CHECK (
+        cardinality(alert_thresholds) <= 10 AND array_position(alert_thresholds, NULL) IS NULL
+        AND 0 < ALL (alert_thresholds) AND 1000 >= ALL (alert_thresholds));
+COMMENT ON COLUMN usage_agg.config.alert_thresholds IS
+    'Percentages of a monthly quota, daily cost limit or monthly budget at which usage_agg.alerts records a crossing (empty: no alerts)';
+-- Quota logs and alerts expire (run_maintenance() step cleanup_old_quota_logs).
+ALTER TABLE usage_agg.config ADD COLUMN quota_log_retention interval NOT NULL DEFAULT '90 days',
+    ADD COLUMN alert_retention interval NOT NULL DEFAULT '400 days',
+    ADD CONSTRAINT config_quota_log_retention_covers_a_month CHECK (quota_log_retention >= interval '31 days'),
+    ADD CONSTRAINT config_alert_retention_covers_a_month CHECK (alert_retention >= interval '31 days');
+COMMENT ON COLUMN usage_agg.config.quota_log_retention IS
+    'run_maintenance() deletes quota_usage_logs rows older than this (the totals stay in quotas; a request_id older than this is no longer recognised)';
+COMMENT ON COLUMN usage_agg.config.alert_retention IS
+    'run_maintenance() deletes usage_agg.alerts rows older than this';
+CREATE INDEX quota_usage_logs_created_at ON usage_agg.quota_usage_logs USING brin (created_at);
+-- @replace usage_agg._config_validate
+-- @replace usage_agg._quota_plans_restore
+-- @include sql/budgets.sql
+-- @replace usage_agg._consume
+-- @create usage_agg.cleanup_old_quota_logs
+-- @replace usage_agg._run_maintenance_step
+-- @replace usage_agg.run_maintenance
+-- @replace usage_agg.maintain
+-- check_usage_limit reports the month too (new result columns).
+DROP FUNCTION usage_agg.check_usage_limit(uuid, timestamptz);
+-- @create usage_agg.check_usage_limit
+
+-- The quota functions take user_id, level and request_id in named notation
+-- (they were p_user_id, p_level, p_request_id), and quota_status reports the
+-- units used today. A parameter cannot be renamed in place, so these three are
+-- dropped and created again; the roles they were granted to keep their grant
+-- (the ACL is carried over as it was, so pg_dump still dumps those grants).
+SELECT pg_catalog.set_config('usage_agg_update.acl_' || p.proname, COALESCE(p.proacl::text, ''), true)
+  FROM pg_catalog.pg_proc p
+ WHERE p.oid IN ('usage_agg.quota_status(uuid)'::pg_catalog.regprocedure,
+                 'usage_agg.set_membership(uuid, text)'::pg_catalog.regprocedure,
+                 'usage_agg.refund_quota(text)'::pg_catalog.regprocedure);
+DROP FUNCTION usage_agg.quota_status(uuid);
+DROP FUNCTION usage_agg.set_membership(uuid, text);
+DROP FUNCTION usage_agg.refund_quota(text);
+-- @create usage_agg.quota_status_result
+-- @create usage_agg.quota_status
+-- @create usage_agg.set_membership
+-- @create usage_agg.refund_quota
+REVOKE EXECUTE ON FUNCTION usage_agg.quota_status(uuid), usage_agg.set_membership(uuid, text),
+    usage_agg.refund_quota(text) FROM PUBLIC;
+UPDATE pg_catalog.pg_proc p
+   SET proacl = NULLIF(pg_catalog.current_setting('usage_agg_update.acl_' || p.proname), '')::pg_catalog.aclitem[]
+ WHERE p.oid IN ('usage_agg.quota_status(uuid)'::pg_catalog.regprocedure,
+                 'usage_agg.set_membership(uuid, text)'::pg_catalog.regprocedure,
+                 'usage_agg.refund_quota(text)'::pg_catalog.regprocedure);
+
+-- consume_quota and try_consume_quota: the common case in Rust (one kept
+-- statement), the rest in _consume as before; SECURITY DEFINER without SET.
+-- @replace usage_agg.consume_quota
+-- @replace usage_agg.try_consume_quota
+
 -- @create usage_agg.schedule_apply
 -- @create usage_agg.unschedule_apply
 
 REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_key_days(date),
     usage_agg._key_days_from_users(date),
-    usage_agg.schedule_apply(text), usage_agg.unschedule_apply() FROM PUBLIC;
+    usage_agg.schedule_apply(text), usage_agg.unschedule_apply(),
+    usage_agg._record_alerts(uuid, text, date, numeric, numeric, numeric, timestamptz),
+    usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
+    usage_agg._cost_alerts(uuid[], date[], numeric[]),
+    usage_agg.cleanup_old_quota_logs(interval) FROM PUBLIC;
 -- CREATE OR REPLACE VIEW resets the view's options.
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
