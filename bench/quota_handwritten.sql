@@ -38,6 +38,7 @@ CREATE TABLE usage_agg.quota_usage_logs (
     refunded_at      timestamptz
 );
 CREATE INDEX quota_usage_logs_user_created_at ON usage_agg.quota_usage_logs (user_id, created_at);
+CREATE INDEX quota_usage_logs_created_at ON usage_agg.quota_usage_logs USING brin (created_at);
 
 CREATE TYPE usage_agg.quota_state AS (
     user_id uuid, membership_level text, monthly_quota integer, monthly_used integer,
