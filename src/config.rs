@@ -52,6 +52,8 @@ pub struct FoldConfig {
     /// Some plan or user has a daily cost limit or a monthly budget: the fold
     /// checks the cost alerts of what it adds (current catalog only).
     pub cost_limits: bool,
+    /// `config.alert_thresholds` (percent), exact (none before 0.4.0).
+    pub alert_thresholds: Vec<bigdecimal::BigDecimal>,
 }
 
 kept_statement! {
@@ -68,7 +70,8 @@ kept_statement! {
                    COALESCE((pg_catalog.date_part('epoch',
                        (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->>) 'apply_interval')::pg_catalog.interval)
                        OPERATOR(pg_catalog.*) 1000)::pg_catalog.int8, 1000),
-                   pg_catalog.to_regclass('usage_agg.pending_deltas') IS NOT NULL
+                   pg_catalog.to_regclass('usage_agg.pending_deltas') IS NOT NULL,
+                   (pg_catalog.to_jsonb(c) OPERATOR(pg_catalog.->) 'alert_thresholds')::pg_catalog.text
               FROM usage_agg.config c"),
         args: [],
         mutating: false,
@@ -131,6 +134,7 @@ pub fn read(client: &SpiClient<'_>) -> FoldConfig {
         apply_interval_ms: column::<i64>(&row, 5).unwrap_or(1000),
         has_pending_table: column::<bool>(&row, 6).unwrap_or(false),
         cost_limits: false,
+        alert_thresholds: parse_thresholds(column::<String>(&row, 7).as_deref()),
     };
     let config_oid = column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
     // Cached only where the config_changed triggers announce changes.
@@ -145,6 +149,25 @@ pub fn read(client: &SpiClient<'_>) -> FoldConfig {
     config
 }
 
+/// The thresholds from their jsonb text (`[80, 100]`); numbers keep their
+/// exact decimal text.
+fn parse_thresholds(json: Option<&str>) -> Vec<bigdecimal::BigDecimal> {
+    let Some(json) = json else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<Vec<serde_json::Number>>(json) {
+        Ok(numbers) => numbers
+            .iter()
+            .map(|n| {
+                n.to_string()
+                    .parse()
+                    .unwrap_or_else(|e| errors::internal("reading config.alert_thresholds", e))
+            })
+            .collect(),
+        Err(e) => errors::internal("reading config.alert_thresholds", e),
+    }
+}
+
 fn column<T: pgrx::FromDatum + pgrx::IntoDatum>(
     row: &SpiTupleTable<'_>,
     ordinal: usize,
@@ -155,7 +178,18 @@ fn column<T: pgrx::FromDatum + pgrx::IntoDatum>(
 
 #[cfg(test)]
 mod tests {
-    use super::FoldMode;
+    use super::{parse_thresholds, FoldMode};
+
+    #[test]
+    fn thresholds_keep_their_decimals() {
+        let t = parse_thresholds(Some("[80, 100, 87.50]"));
+        assert_eq!(
+            t.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+            vec!["80", "100", "87.50"]
+        );
+        assert!(parse_thresholds(Some("[]")).is_empty());
+        assert!(parse_thresholds(None).is_empty());
+    }
 
     #[test]
     fn fold_modes_parse_with_the_old_name_accepted() {

@@ -22,6 +22,8 @@
 
 use std::mem::size_of;
 
+use bigdecimal::BigDecimal;
+
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
 use pgrx::prelude::*;
@@ -32,15 +34,15 @@ use crate::plans::{kept_statement, Sql};
 /// Largest amount one call may consume (checked again by `_consume`).
 const MAX_AMOUNT: i32 = 1_000_000;
 
-/// The common case: lock, check, deduct, log. Returns the new quota state,
-/// whether the call was logged, whether it crossed an alert threshold, and what
-/// `_quota_alerts` then needs; no row when nothing was deducted. `ON CONFLICT`
-/// only with a request_id: a speculative insertion costs a WAL record and time
-/// under the row lock, and a NULL request_id cannot conflict.
-const fn step_sql(on_conflict: &'static str) -> [&'static str; 3] {
-    [
-        "WITH q AS (
-             UPDATE usage_agg.quotas t
+kept_statement!(
+    /// The common case, first half: lock, check and deduct. Returns the new
+    /// quota state, what the log row and the alert check need, and whether the
+    /// step is still inside the quota month (the clock, read in the SET after
+    /// the row lock, before `quota_reset_at`); no row when nothing was deducted.
+    DEDUCT {
+        what: "consuming quota",
+        sql: Sql::Text(
+            "UPDATE usage_agg.quotas t
                 SET monthly_used = (t.monthly_used OPERATOR(pg_catalog.+) $2),
                     total_used = (t.total_used OPERATOR(pg_catalog.+) $2),
                     updated_at = pg_catalog.clock_timestamp()
@@ -48,47 +50,47 @@ const fn step_sql(on_conflict: &'static str) -> [&'static str; 3] {
                 AND ($2 OPERATOR(pg_catalog.<=) (t.monthly_quota OPERATOR(pg_catalog.-) t.monthly_used))
                 AND (COALESCE(pg_catalog.length($3), 0) OPERATOR(pg_catalog.<=) 1000)
                 AND (COALESCE(pg_catalog.length($4), 0) OPERATOR(pg_catalog.<=) 1000)
-             RETURNING t.*
-         ), logged AS (
-             INSERT INTO usage_agg.quota_usage_logs AS l
-                    (user_id, session_id, membership_level, amount, tokens_used, request_id, created_at)
-             SELECT q.user_id, $3, q.membership_level, $2, COALESCE($5, 0), $4, q.updated_at
-               FROM q
-              WHERE (q.updated_at OPERATOR(pg_catalog.<) q.quota_reset_at) ",
-        on_conflict,
-        " RETURNING l.id
-         )
-         SELECT ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
-                    GREATEST((q.monthly_quota OPERATOR(pg_catalog.-) q.monthly_used), 0),
-                    q.quota_reset_at, q.total_used, true, false)::usage_agg.quota_state,
-                EXISTS (SELECT FROM logged),
-                EXISTS (SELECT FROM usage_agg.config c, pg_catalog.unnest(c.alert_thresholds) AS th(pct)
-                         WHERE ((((q.monthly_used OPERATOR(pg_catalog.-) $2)::pg_catalog.numeric OPERATOR(pg_catalog.*) 100)
-                                 OPERATOR(pg_catalog.<) (th.pct OPERATOR(pg_catalog.*) q.monthly_quota))
-                           AND (((q.monthly_used)::pg_catalog.numeric OPERATOR(pg_catalog.*) 100)
-                                 OPERATOR(pg_catalog.>=) (th.pct OPERATOR(pg_catalog.*) q.monthly_quota)))),
-                q.user_id, (q.monthly_used OPERATOR(pg_catalog.-) $2), q.monthly_used, q.monthly_quota,
-                q.quota_reset_at, q.updated_at
-           FROM q",
-    ]
-}
-
-kept_statement!(
-    /// The common case without a request_id.
-    STEP {
-        what: "consuming quota",
-        sql: Sql::Built(|| step_sql("").concat()),
+             RETURNING ROW(t.user_id, t.membership_level, t.monthly_quota, t.monthly_used,
+                           GREATEST((t.monthly_quota OPERATOR(pg_catalog.-) t.monthly_used), 0),
+                           t.quota_reset_at, t.total_used, true, false)::usage_agg.quota_state,
+                       (t.updated_at OPERATOR(pg_catalog.<) t.quota_reset_at),
+                       t.membership_level, t.updated_at, t.monthly_used, t.monthly_quota, t.quota_reset_at"
+        ),
         args: [UUIDOID, INT4OID, TEXTOID, TEXTOID, INT4OID],
         mutating: true,
     }
 );
 
+/// The log row of a deduction ($6 the plan, $7 the instant of the step).
+macro_rules! log_sql {
+    () => {
+        "INSERT INTO usage_agg.quota_usage_logs
+             (user_id, session_id, membership_level, amount, tokens_used, request_id, created_at)
+         VALUES ($1, $3, $6, $2, COALESCE($5, 0), $4, $7)"
+    };
+}
+
 kept_statement!(
-    /// The common case with a request_id: a known one logs nothing.
-    STEP_WITH_REQUEST_ID {
-        what: "consuming quota",
-        sql: Sql::Built(|| step_sql("ON CONFLICT ON CONSTRAINT quota_usage_logs_request_id_key DO NOTHING").concat()),
-        args: [UUIDOID, INT4OID, TEXTOID, TEXTOID, INT4OID],
+    /// The common case, second half, without a request_id (nothing can
+    /// conflict: no speculative insertion, which costs a WAL record and time
+    /// under the row lock).
+    LOG {
+        what: "logging a quota deduction",
+        sql: Sql::Text(log_sql!()),
+        args: [UUIDOID, INT4OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, TIMESTAMPTZOID],
+        mutating: true,
+    }
+);
+
+kept_statement!(
+    /// The same with a request_id: a known one logs nothing (no row back).
+    LOG_WITH_REQUEST_ID {
+        what: "logging a quota deduction",
+        sql: Sql::Text(concat!(
+            log_sql!(),
+            " ON CONFLICT ON CONSTRAINT quota_usage_logs_request_id_key DO NOTHING RETURNING 1"
+        )),
+        args: [UUIDOID, INT4OID, TEXTOID, TEXTOID, INT4OID, TEXTOID, TIMESTAMPTZOID],
         mutating: true,
     }
 );
@@ -104,7 +106,7 @@ kept_statement!(
 );
 
 kept_statement!(
-    /// Gives back what `STEP` deducted when it could not log the call.
+    /// Gives back what `DEDUCT` deducted when the call could not be logged.
     GIVE_BACK {
         what: "giving back an unlogged quota deduction",
         sql: Sql::Text(
@@ -212,8 +214,10 @@ unsafe fn step(fcinfo: pg_sys::FunctionCallInfo, raise: bool) -> QuotaState {
         // SAFETY: i < 5, the number of arguments of the call.
         unsafe { (!pgrx::pg_arg_is_null(fcinfo, i)).then(|| pgrx::pg_getarg_datum_raw(fcinfo, i)) }
     };
-    let int = |i: usize| arg(i).map(|d| d.value() as i32);
-    let outcome = if arg(0).is_some() && common_case_arguments(int(1), int(4)) {
+    let int_arg = |i: usize| arg(i).map(|d| d.value() as i32).unwrap_or(0);
+    let outcome = if arg(0).is_some()
+        && common_case_arguments(arg(1).map(|_| int_arg(1)), arg(4).map(|_| int_arg(4)))
+    {
         Spi::connect_mut(|client| {
             let types = [
                 pg_sys::UUIDOID,
@@ -222,53 +226,64 @@ unsafe fn step(fcinfo: pg_sys::FunctionCallInfo, raise: bool) -> QuotaState {
                 pg_sys::TEXTOID,
                 pg_sys::INT4OID,
             ];
-            let args: Vec<DatumWithOid> = (0..5)
-                .map(|i| match arg(i) {
-                    // SAFETY: the caller's datum of the declared type, alive for the call.
-                    Some(d) => unsafe { DatumWithOid::new(d, types[i]) },
-                    None => DatumWithOid::null_oid(types[i]),
-                })
-                .collect();
-            let statement = if arg(3).is_some() {
-                &STEP_WITH_REQUEST_ID
-            } else {
-                &STEP
-            };
-            let table = statement.run(client, &args);
-            if !table.is_empty() {
-                let table = table.first();
-                let logged = table
+            let args: Vec<DatumWithOid> = (0..5).map(|i| with_oid(arg(i), types[i])).collect();
+            let deducted = DEDUCT.run(client, &args);
+            if !deducted.is_empty() {
+                let row = deducted.first();
+                let datum = |i: usize| {
+                    row.get_datum_by_ordinal(i)
+                        .unwrap_or_else(|e| errors::internal(DEDUCT.what, e))
+                };
+                let int = |i: usize| {
+                    row.get::<i32>(i)
+                        .unwrap_or_else(|e| errors::internal(DEDUCT.what, e))
+                        .unwrap_or(0)
+                };
+                let in_month = row
                     .get::<bool>(2)
-                    .unwrap_or_else(|e| errors::internal(STEP.what, e))
+                    .unwrap_or_else(|e| errors::internal(DEDUCT.what, e))
                     .unwrap_or(false);
-                if logged {
-                    let crossed = table
-                        .get::<bool>(3)
-                        .unwrap_or_else(|e| errors::internal(STEP.what, e))
-                        .unwrap_or(false);
-                    if crossed {
-                        let types = QUOTA_ALERTS.args;
-                        let alert_args: Vec<DatumWithOid> = (0..types.len())
-                            .map(|i| {
-                                let datum = table
-                                    .get_datum_by_ordinal(4 + i)
-                                    .unwrap_or_else(|e| errors::internal(STEP.what, e));
-                                match datum {
-                                    // SAFETY: a datum of this SPI result, of the declared type.
-                                    Some(d) => unsafe { DatumWithOid::new(d, types[i]) },
-                                    None => DatumWithOid::null_oid(types[i]),
-                                }
-                            })
-                            .collect();
-                        QUOTA_ALERTS.run(client, &alert_args);
+                if in_month {
+                    let mut log_args: Vec<DatumWithOid> =
+                        (0..5).map(|i| with_oid(arg(i), types[i])).collect();
+                    log_args.push(with_oid(datum(3), pg_sys::TEXTOID));
+                    log_args.push(with_oid(datum(4), pg_sys::TIMESTAMPTZOID));
+                    let logged = if arg(3).is_some() {
+                        !LOG_WITH_REQUEST_ID.run(client, &log_args).is_empty()
+                    } else {
+                        LOG.run(client, &log_args);
+                        true
+                    };
+                    if logged {
+                        let (used, quota) = (int(5), int(6));
+                        let amount = int_arg(1);
+                        let thresholds = crate::config::read(client).alert_thresholds;
+                        if crossed(
+                            &thresholds,
+                            i64::from(used - amount),
+                            i64::from(used),
+                            i64::from(quota),
+                        ) {
+                            QUOTA_ALERTS.run(
+                                client,
+                                &[
+                                    with_oid(arg(0), pg_sys::UUIDOID),
+                                    (used - amount).into(),
+                                    used.into(),
+                                    quota.into(),
+                                    with_oid(datum(7), pg_sys::TIMESTAMPTZOID),
+                                    with_oid(datum(4), pg_sys::TIMESTAMPTZOID),
+                                ],
+                            );
+                        }
+                        let state = datum(1)
+                            .unwrap_or_else(|| errors::internal(DEDUCT.what, "a NULL quota state"));
+                        // SAFETY: a composite (varlena) datum of this SPI result;
+                        // the copy lives in the function's call context.
+                        return Outcome::Done(unsafe {
+                            pg_sys::SPI_datumTransfer(state, false, -1)
+                        });
                     }
-                    let state = table
-                        .get_datum_by_ordinal(1)
-                        .unwrap_or_else(|e| errors::internal(STEP.what, e))
-                        .unwrap_or_else(|| errors::internal(STEP.what, "a NULL quota state"));
-                    // SAFETY: a composite (varlena) datum of this SPI result;
-                    // the copy lives in the function's call context.
-                    return Outcome::Done(unsafe { pg_sys::SPI_datumTransfer(state, false, -1) });
                 }
                 GIVE_BACK.run(client, &args[..2]);
             }
@@ -282,6 +297,36 @@ unsafe fn step(fcinfo: pg_sys::FunctionCallInfo, raise: bool) -> QuotaState {
         // SAFETY: fcinfo as promised by the caller; nothing owning is alive here.
         Outcome::Full(oid) => QuotaState(unsafe { call_consume(fcinfo, oid, raise) }),
     }
+}
+
+/// A datum of a call argument or of an SPI result, alive for the call, as an
+/// SPI argument of type `oid`.
+fn with_oid(datum: Option<pg_sys::Datum>, oid: pg_sys::Oid) -> DatumWithOid<'static> {
+    match datum {
+        // SAFETY: the datum is of type `oid` and outlives the statements it is
+        // passed to (they run within this call).
+        Some(d) => unsafe { DatumWithOid::new(d, oid) },
+        None => DatumWithOid::null_oid(oid),
+    }
+}
+
+/// Whether a step from `before` to `after` (of `limit`) crossed one of the
+/// thresholds (percent): before * 100 < threshold * limit <= after * 100,
+/// exactly (thresholds may have decimals).
+pub fn crossed(thresholds: &[BigDecimal], before: i64, after: i64, limit: i64) -> bool {
+    if limit <= 0 || after <= before {
+        return false;
+    }
+    let hundred = BigDecimal::from(100);
+    let (before, after, limit) = (
+        BigDecimal::from(before) * &hundred,
+        BigDecimal::from(after) * &hundred,
+        BigDecimal::from(limit),
+    );
+    thresholds.iter().any(|t| {
+        let mark = t * &limit;
+        before < mark && mark <= after
+    })
 }
 
 fn consume_oid(client: &pgrx::spi::SpiClient<'_>) -> pg_sys::Oid {
@@ -336,7 +381,31 @@ unsafe fn call_consume(
 
 #[cfg(test)]
 mod tests {
-    use super::common_case_arguments;
+    use std::str::FromStr;
+
+    use bigdecimal::BigDecimal;
+
+    use super::{common_case_arguments, crossed};
+
+    #[test]
+    fn a_threshold_is_crossed_once_by_the_step_that_reaches_it() {
+        let t: Vec<BigDecimal> = ["80", "100"]
+            .iter()
+            .map(|s| BigDecimal::from_str(s).unwrap())
+            .collect();
+        assert!(crossed(&t, 79, 80, 100));
+        assert!(!crossed(&t, 80, 81, 100));
+        assert!(crossed(&t, 99, 100, 100));
+        assert!(crossed(&t, 0, 100, 100));
+        assert!(!crossed(&t, 10, 20, 100));
+        assert!(!crossed(&t, 5, 5, 100));
+        assert!(!crossed(&t, 0, 1, 0));
+        assert!(!crossed(&[], 0, 100, 100));
+        // 87.5% of 8 is 7 exactly.
+        let t = vec![BigDecimal::from_str("87.5").unwrap()];
+        assert!(crossed(&t, 6, 7, 8));
+        assert!(!crossed(&t, 7, 8, 8));
+    }
 
     #[test]
     fn only_plain_arguments_take_the_common_case() {
