@@ -84,7 +84,7 @@ median() {  # median LABEL CONTENDER FIELD (3 tps, 4 p50, 5 p99, 6 wal)
 # contenders is taken within each round (runs seconds apart), then the median
 # and the range of those ratios over the rounds.
 round_ratios() {  # round_ratios LABEL CONTENDER: "median (min-max)" of tps / hand-written tps
-    awk -v l="$1" -v c="$2" '$1 == l && $2 == c {t[$9] = $3} $1 == l && $2 == "handwritten" {h[$9] = $3}
+    awk -v l="$1" -v c="$2" '$1 == l && $2 == c {t[$8] = $3} $1 == l && $2 == "handwritten" {h[$8] = $3}
         END {for (r in t) if (h[r] > 0) print t[r] / h[r]}' "$RAW" | sort -g \
         | awk '{a[NR] = $1} END {printf "%.2fx (%.2f-%.2f)", a[int((NR + 1) / 2)], a[1], a[NR]}'
 }
