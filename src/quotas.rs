@@ -1,13 +1,15 @@
 //! `consume_quota` and `try_consume_quota`: the common case of the quota step
-//! in one kept statement, everything else in the PL/pgSQL `_consume`.
+//! in two kept statements, everything else in the PL/pgSQL `_consume`.
 //!
 //! The common case is a user who has a quota row, asks for what is left this
 //! month, and sends a new (or no) request_id. One statement locks, checks and
-//! deducts (`UPDATE ... WHERE amount <= monthly_quota - monthly_used`, which
-//! READ COMMITTED rechecks on the latest row version when it had to wait for
-//! the lock) and logs the call. The clock is read once, in the UPDATE's SET,
-//! so after the row lock is granted; the log row's `created_at` is that
-//! reading, and the call is logged only while it is before `quota_reset_at`.
+//! deducts (`UPDATE ... WHERE amount <= monthly_quota - monthly_used
+//! RETURNING`, which READ COMMITTED rechecks on the latest row version when it
+//! had to wait for the lock); a second one logs the call. The clock is read
+//! once, in the UPDATE's SET, so after the row lock is granted; the log row's
+//! `created_at` is that reading, and the call is logged only while it is before
+//! `quota_reset_at`. Two plain statements cost less than one with CTEs: under
+//! perf, the executor start-up of the CTE plan was a seventh of the time.
 //!
 //! Any other case (a new user, a month that has ended, a replayed request_id,
 //! an exceeded quota, a bad argument) goes to `_consume`, called through fmgr
