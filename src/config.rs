@@ -134,7 +134,8 @@ pub fn read(client: &SpiClient<'_>) -> FoldConfig {
         apply_interval_ms: column::<i64>(&row, 5).unwrap_or(1000),
         has_pending_table: column::<bool>(&row, 6).unwrap_or(false),
         cost_limits: false,
-        alert_thresholds: parse_thresholds(column::<String>(&row, 7).as_deref()),
+        alert_thresholds: parse_thresholds(column::<String>(&row, 7).as_deref())
+            .unwrap_or_else(|e| errors::internal("reading config.alert_thresholds", e)),
     };
     let config_oid = column::<pg_sys::Oid>(&row, 3).unwrap_or(pg_sys::InvalidOid);
     // Cached only where the config_changed triggers announce changes.
@@ -151,21 +152,19 @@ pub fn read(client: &SpiClient<'_>) -> FoldConfig {
 
 /// The thresholds from their jsonb text (`[80, 100]`); numbers keep their
 /// exact decimal text.
-fn parse_thresholds(json: Option<&str>) -> Vec<bigdecimal::BigDecimal> {
+fn parse_thresholds(json: Option<&str>) -> Result<Vec<bigdecimal::BigDecimal>, String> {
     let Some(json) = json else {
-        return Vec::new();
+        return Ok(Vec::new());
     };
-    match serde_json::from_str::<Vec<serde_json::Number>>(json) {
-        Ok(numbers) => numbers
-            .iter()
-            .map(|n| {
-                n.to_string()
-                    .parse()
-                    .unwrap_or_else(|e| errors::internal("reading config.alert_thresholds", e))
-            })
-            .collect(),
-        Err(e) => errors::internal("reading config.alert_thresholds", e),
-    }
+    let numbers: Vec<serde_json::Number> = serde_json::from_str(json).map_err(|e| e.to_string())?;
+    numbers
+        .iter()
+        .map(|n| {
+            n.to_string()
+                .parse()
+                .map_err(|e: bigdecimal::ParseBigDecimalError| e.to_string())
+        })
+        .collect()
 }
 
 fn column<T: pgrx::FromDatum + pgrx::IntoDatum>(
@@ -182,13 +181,14 @@ mod tests {
 
     #[test]
     fn thresholds_keep_their_decimals() {
-        let t = parse_thresholds(Some("[80, 100, 87.50]"));
+        let t = parse_thresholds(Some("[80, 100, 87.50]")).unwrap();
         assert_eq!(
             t.iter().map(|d| d.to_string()).collect::<Vec<_>>(),
             vec!["80", "100", "87.50"]
         );
-        assert!(parse_thresholds(Some("[]")).is_empty());
-        assert!(parse_thresholds(None).is_empty());
+        assert!(parse_thresholds(Some("[]")).unwrap().is_empty());
+        assert!(parse_thresholds(None).unwrap().is_empty());
+        assert!(parse_thresholds(Some("[\"x\"]")).is_err());
     }
 
     #[test]
