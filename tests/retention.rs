@@ -510,6 +510,28 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     );
 }
 
+/// What pg_cron is doing, for a test that waited for it in vain: its
+/// launcher, its job runs, and the sessions it opened.
+fn pg_cron_state(c: &mut Client) -> String {
+    let rows = |c: &mut Client, sql: &str| -> String {
+        match c.query(sql, &[]) {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| r.get::<_, Option<String>>(0).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n  "),
+            Err(e) => format!("({e})"),
+        }
+    };
+    format!(
+        "now: {}\ncron.job:\n  {}\ncron.job_run_details:\n  {}\nsessions:\n  {}",
+        rows(c, "SELECT now()::text"),
+        rows(c, "SELECT concat_ws(' ', jobid, jobname, schedule, command, database, username, active) FROM cron.job"),
+        rows(c, "SELECT concat_ws(' ', jobid, runid, status, start_time, end_time, return_message) FROM cron.job_run_details ORDER BY runid"),
+        rows(c, "SELECT concat_ws(' ', pid, backend_type, application_name, state, wait_event_type, wait_event, backend_start, left(query, 80)) FROM pg_stat_activity WHERE backend_type <> 'client backend' OR application_name LIKE 'pg_cron%' OR query LIKE '%usage_agg.maintain%'"),
+    )
+}
+
 #[test]
 fn pg_cron_schedules_and_runs_maintenance() {
     // pg_cron lives in the database named by cron.database_name (usage_agg_test).
@@ -522,6 +544,20 @@ fn pg_cron_schedules_and_runs_maintenance() {
          DELETE FROM cron.job_run_details;",
     )
     .unwrap();
+    // Every wait below needs pg_cron's launcher connected to this database.
+    let launcher_deadline = Instant::now() + Duration::from_secs(30);
+    while scalar_i64(
+        &mut c,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_cron launcher' AND datname = current_database()",
+    ) != 1
+    {
+        assert!(
+            Instant::now() < launcher_deadline,
+            "pg_cron's launcher is not connected to usage_agg_test\n{}",
+            pg_cron_state(&mut c)
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
     let id = scalar_i64(&mut c, "SELECT usage_agg.schedule_maintenance()");
     assert_eq!(
         scalar_i64(&mut c, "SELECT usage_agg.schedule_maintenance()"),
@@ -567,7 +603,8 @@ fn pg_cron_schedules_and_runs_maintenance() {
         scalar_i64(&mut c, "SELECT usage_agg.schedule_maintenance('* * * * *')"),
         id
     );
-    let deadline = Instant::now() + Duration::from_secs(130);
+    // pg_cron starts jobs on minute boundaries: three of them is ample.
+    let deadline = Instant::now() + Duration::from_secs(190);
     loop {
         let done = scalar_i64(
             &mut c,
@@ -583,7 +620,8 @@ fn pg_cron_schedules_and_runs_maintenance() {
         assert_eq!(failed, None, "pg_cron ran the job and it failed");
         assert!(
             Instant::now() < deadline,
-            "pg_cron did not run the job within 130 s"
+            "pg_cron did not run the job within 190 s\n{}",
+            pg_cron_state(&mut c)
         );
         thread::sleep(Duration::from_secs(2));
     }
@@ -632,11 +670,12 @@ fn pg_cron_schedules_and_runs_maintenance() {
             "{apply_job} usage_agg_apply * * * * * SELECT usage_agg.apply_pending_deltas() usage_agg_test"
         )]
     );
-    let deadline = Instant::now() + Duration::from_secs(130);
+    let deadline = Instant::now() + Duration::from_secs(190);
     while scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.pending_key_deltas") != 0 {
         assert!(
             Instant::now() < deadline,
-            "pg_cron did not apply within 130 s"
+            "pg_cron did not apply within 190 s\n{}",
+            pg_cron_state(&mut c)
         );
         thread::sleep(Duration::from_millis(500));
     }
