@@ -52,14 +52,14 @@ impl std::fmt::Display for CorruptField {
 
 /// Calls, tokens and cost of one model or one key.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Cell {
+pub struct Totals {
     pub calls: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
 }
 
-impl Cell {
-    fn add(&mut self, other: &Cell, sign: i64) {
+impl Totals {
+    fn add(&mut self, other: &Totals, sign: i64) {
         self.calls += sign * other.calls;
         self.tokens += sign * other.tokens;
         if sign >= 0 {
@@ -111,8 +111,8 @@ pub struct DayDelta {
     pub failed: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
-    pub by_model: BTreeMap<String, Cell>,
-    pub by_key: BTreeMap<String, Cell>,
+    pub by_model: BTreeMap<String, Totals>,
+    pub by_key: BTreeMap<String, Totals>,
     /// Newest `created_at` among added rows.
     pub added_last_at: Option<i64>,
     /// Newest `created_at` among removed rows (UPDATE old side, DELETE).
@@ -123,7 +123,7 @@ impl DayDelta {
     /// Adds (`removed == false`) or subtracts (`removed == true`) one group row.
     pub fn apply(&mut self, row: &GroupRow, removed: bool) {
         let sign = if removed { -1 } else { 1 };
-        let cell = Cell {
+        let cell = Totals {
             calls: row.calls,
             tokens: row.tokens,
             cost: row.cost.clone(),
@@ -171,8 +171,8 @@ impl DayDelta {
             && self.failed == 0
             && self.tokens == 0
             && self.cost.is_zero()
-            && self.by_model.values().all(Cell::is_zero)
-            && self.by_key.values().all(Cell::is_zero)
+            && self.by_model.values().all(Totals::is_zero)
+            && self.by_key.values().all(Totals::is_zero)
             && self.added_last_at == self.removed_last_at
     }
 
@@ -221,7 +221,7 @@ impl DayDelta {
     }
 }
 
-fn cells_json(cells: &BTreeMap<String, Cell>) -> Value {
+fn cells_json(cells: &BTreeMap<String, Totals>) -> Value {
     Value::Object(
         cells
             .iter()

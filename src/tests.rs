@@ -1,6 +1,5 @@
 //! `#[pg_test]`s: the SQL surface inside one session (each test is rolled back).
 
-#[allow(unused_imports)]
 use pgrx::prelude::*;
 
 #[pg_schema]
