@@ -1,4 +1,4 @@
-//! The manual's SQL runs: every ```sql block of docs/*.md is executed with psql
+//! The manual's SQL runs: every ```sql block of docs/*.md and README.md is executed with psql
 //! against a fresh database (one per page, blocks in page order), and where a
 //! plain ``` block follows it directly, psql's output must be exactly that
 //! block (trailing spaces aside). A block whose fence says `sql no-run` is
@@ -109,6 +109,42 @@ fn psql(db: &TestDb, sql: &str) -> (bool, String, String) {
     )
 }
 
+/// The roles a page's blocks create (`CREATE ROLE name ...`).
+fn created_roles(blocks: &[Block]) -> Vec<String> {
+    blocks
+        .iter()
+        .flat_map(|b| b.sql.split("CREATE ROLE ").skip(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(|name| name.trim_end_matches(';').to_string())
+        .collect()
+}
+
+/// Drops `roles` (after the page's database when `with_database`).
+fn drop_roles(db: &TestDb, roles: &[String], with_database: bool) {
+    if roles.is_empty() && !with_database {
+        return;
+    }
+    let mut admin = postgres::Client::connect(
+        &format!("host=127.0.0.1 port={} user=postgres dbname=postgres", db.port),
+        postgres::NoTls,
+    )
+    .expect("connect to the test cluster");
+    if with_database {
+        admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
+            .unwrap();
+    }
+    for role in roles {
+        assert!(
+            role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "a plain role name: {role}"
+        );
+        admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {role}"))
+            .unwrap();
+    }
+}
+
 #[test]
 fn the_sql_of_the_manual_runs_and_shows_what_it_prints() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
@@ -118,7 +154,8 @@ fn the_sql_of_the_manual_runs_and_shows_what_it_prints() {
         .filter(|p| p.extension().is_some_and(|e| e == "md"))
         .collect();
     pages.sort();
-    assert!(!pages.is_empty(), "docs/ has pages");
+    assert!(pages.len() >= 9, "docs/ has its pages: {pages:?}");
+    pages.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("README.md"));
     let mut failures = Vec::new();
     let mut checked = 0;
     for page in &pages {
@@ -126,10 +163,25 @@ fn the_sql_of_the_manual_runs_and_shows_what_it_prints() {
             .file_stem()
             .unwrap()
             .to_string_lossy()
-            .replace('-', "_");
+            .replace('-', "_")
+            .to_lowercase();
         let markdown = std::fs::read_to_string(page).unwrap();
         let db = TestDb::new(&format!("doc_{name}"));
-        for block in blocks(&markdown).into_iter().filter(|b| b.run) {
+        let page_blocks: Vec<Block> = blocks(&markdown).into_iter().filter(|b| b.run).collect();
+        // Roles are global: the ones a page creates are dropped before and after it.
+        let roles = created_roles(&page_blocks);
+        drop_roles(&db, &roles, false);
+        // A page that starts with CREATE EXTENSION (README's quick start) gets
+        // a database without it.
+        if page_blocks
+            .first()
+            .is_some_and(|b| b.sql.contains("CREATE EXTENSION usage_agg"))
+        {
+            db.connect()
+                .batch_execute("DROP EXTENSION usage_agg CASCADE")
+                .unwrap();
+        }
+        for block in page_blocks {
             let at = format!("{}:{}", page.display(), block.line);
             let (ok, stdout, stderr) = psql(&db, &block.sql);
             if !ok {
@@ -147,6 +199,7 @@ fn the_sql_of_the_manual_runs_and_shows_what_it_prints() {
             }
             checked += 1;
         }
+        drop_roles(&db, &roles, true);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(checked > 5, "ran {checked} blocks");
