@@ -151,12 +151,17 @@ END;
 $$;
 
 -- Locks the user's quota row, creating it on plan 'free' on first use, and applies
--- the monthly reset if its time has come. Returns the locked row and the instant
--- (read after the lock) at which this step happens.
-CREATE FUNCTION usage_agg._lock_quota(p_user_id uuid, OUT q usage_agg.quotas, OUT at timestamptz)
+-- the monthly reset if its time has come. Returns the locked row with its
+-- updated_at set to the instant of this step (read after the lock): every caller
+-- stamps that instant on what it writes.
+CREATE FUNCTION usage_agg._lock_quota(p_user_id uuid)
+RETURNS usage_agg.quotas
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    q usage_agg.quotas;
+    at timestamptz;
 BEGIN
     SELECT * INTO q FROM usage_agg.quotas WHERE user_id = p_user_id FOR UPDATE;
     IF NOT FOUND THEN
@@ -178,8 +183,17 @@ BEGIN
          WHERE user_id = p_user_id
         RETURNING * INTO q;
     END IF;
+    q.updated_at := at;
+    RETURN q;
 END;
 $$;
+
+-- What is left of the month's quota; never negative (a plan can be lowered
+-- below what was used).
+CREATE FUNCTION usage_agg._remaining(q usage_agg.quotas) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN greatest(q.monthly_quota - q.monthly_used, 0);
 
 CREATE FUNCTION usage_agg._state(q usage_agg.quotas, allowed boolean, replayed boolean)
 RETURNS usage_agg.quota_state
@@ -187,7 +201,7 @@ LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
-               greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
+               usage_agg._remaining(q), q.quota_reset_at, q.total_used,
                allowed, replayed)::usage_agg.quota_state
 $$;
 
@@ -201,7 +215,6 @@ AS $$
 DECLARE
     q usage_agg.quotas;
     v_at timestamptz;
-    v_lock record;
     v_log usage_agg.quota_usage_logs;
     v_next usage_agg.quota_plans;
     v_remaining integer;
@@ -222,9 +235,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
-    q := v_lock.q;
-    v_at := v_lock.at;
+    q := usage_agg._lock_quota(p_user_id);
+    v_at := q.updated_at;
 
     -- Under the row lock every earlier call with this request_id has committed
     -- (or rolled back), so this check cannot race.
@@ -240,7 +252,7 @@ BEGIN
         END IF;
     END IF;
 
-    v_remaining := greatest(q.monthly_quota - q.monthly_used, 0);
+    v_remaining := usage_agg._remaining(q);
     IF p_amount > v_remaining THEN
         IF NOT p_raise THEN
             RETURN usage_agg._state(q, false, false);
@@ -299,20 +311,18 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q usage_agg.quotas;
-    v_lock record;
     v_pct numeric;
     v_tz text;
     v_today date;
 BEGIN
     PERFORM usage_agg._check_user($1);
-    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
-    q := v_lock.q;
+    q := usage_agg._lock_quota($1);
     v_pct := CASE WHEN q.monthly_quota = 0 THEN 100
                   ELSE round(100.0 * q.monthly_used / q.monthly_quota, 2) END;
     v_tz := usage_agg._timezone();
-    v_today := (v_lock.at AT TIME ZONE v_tz)::date;
+    v_today := (q.updated_at AT TIME ZONE v_tz)::date;
     RETURN ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
-               greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
+               usage_agg._remaining(q), q.quota_reset_at, q.total_used,
                v_pct, v_pct > 80, (usage_agg._next_plan(q.membership_level)).membership_level,
                COALESCE((SELECT sum(l.amount) FROM usage_agg.quota_usage_logs l
                           WHERE l.user_id = $1 AND l.refunded_at IS NULL
@@ -331,7 +341,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q usage_agg.quotas;
-    v_lock record;
     v_plan usage_agg.quota_plans;
 BEGIN
     PERFORM usage_agg._check_user($1);
@@ -342,9 +351,9 @@ BEGIN
                   HINT = format('Known plans: %s.', (SELECT string_agg(p.membership_level, ', ' ORDER BY p.monthly_quota)
                                                       FROM usage_agg.quota_plans p));
     END IF;
-    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
+    q := usage_agg._lock_quota($1);
     UPDATE usage_agg.quotas t
-       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = v_lock.at
+       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = q.updated_at
      WHERE t.user_id = $1
     RETURNING * INTO q;
     RETURN usage_agg._state(q, true, false);
@@ -371,7 +380,7 @@ DECLARE
     v_user uuid;
     v_log usage_agg.quota_usage_logs;
     q usage_agg.quotas;
-    v_lock record;
+    v_at timestamptz;
 BEGIN
     IF $1 IS NULL THEN
         RAISE EXCEPTION 'usage_agg: request_id must not be NULL'
@@ -384,19 +393,19 @@ BEGIN
                   HINT = 'Only calls made with a request_id can be refunded.';
     END IF;
     -- Same lock order as consume: the user's quota row first, then the log row.
-    SELECT * INTO v_lock FROM usage_agg._lock_quota(v_user);
-    q := v_lock.q;
+    q := usage_agg._lock_quota(v_user);
+    v_at := q.updated_at;
     SELECT * INTO v_log FROM usage_agg.quota_usage_logs l WHERE l.request_id = $1 FOR UPDATE;
     IF v_log.refunded_at IS NOT NULL THEN
         RETURN usage_agg._state(q, false, true);
     END IF;
-    UPDATE usage_agg.quota_usage_logs l SET refunded_at = v_lock.at WHERE l.id = v_log.id;
+    UPDATE usage_agg.quota_usage_logs l SET refunded_at = v_at WHERE l.id = v_log.id;
     -- Only a consumption of the current month gives monthly quota back.
     UPDATE usage_agg.quotas t
        SET monthly_used = CASE WHEN v_log.created_at >= usage_agg._month_before(q.quota_reset_at)
                                THEN greatest(t.monthly_used - v_log.amount, 0) ELSE t.monthly_used END,
            total_used = greatest(t.total_used - v_log.amount, 0),
-           updated_at = v_lock.at
+           updated_at = v_at
      WHERE t.user_id = v_user
     RETURNING * INTO q;
     RETURN usage_agg._state(q, true, false);

@@ -438,6 +438,15 @@ $$;
 COMMENT ON FUNCTION usage_agg.cleanup_old_quota_logs(interval) IS
     'Deletes quota_usage_logs rows older than keep (default config.quota_log_retention, at least 31 days) and alerts older than config.alert_retention, in batches; the totals in quotas are untouched. Returns rows deleted.';
 
+-- The maintenance steps in the order they run: run_maintenance(), maintain()
+-- and maintenance_health read this list.
+CREATE FUNCTION usage_agg._maintenance_steps() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
+             'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
+             'cleanup_old_quota_logs'];
+
 -- One maintenance step, in a subtransaction: a failing step is rolled back,
 -- logged with its SQLSTATE and message, and raises a WARNING; the caller goes
 -- on. Returns the step's log row.
@@ -501,9 +510,7 @@ DECLARE
     v_step text;
 BEGIN
     -- A cancel (or statement_timeout) stops them all.
-    FOREACH v_step IN ARRAY ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
-                                  'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
-                                  'cleanup_old_quota_logs'] LOOP
+    FOREACH v_step IN ARRAY usage_agg._maintenance_steps() LOOP
         RETURN NEXT usage_agg._run_maintenance_step(v_step);
     END LOOP;
     PERFORM usage_agg._trim_maintenance_runs();
@@ -525,11 +532,12 @@ DECLARE
     v_id uuid;
     v_rows bigint;
 BEGIN
-    FOREACH v_step IN ARRAY ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days'] LOOP
-        PERFORM usage_agg._run_maintenance_step(v_step);
-        COMMIT;
-    END LOOP;
-    FOREACH v_step IN ARRAY ARRAY['cleanup_old_key_usage_logs', 'cleanup_old_daily_logs'] LOOP
+    FOREACH v_step IN ARRAY usage_agg._maintenance_steps() LOOP
+        IF NOT v_step OPERATOR(pg_catalog.=) ANY (ARRAY['cleanup_old_key_usage_logs', 'cleanup_old_daily_logs']) THEN
+            PERFORM usage_agg._run_maintenance_step(v_step);
+            COMMIT;
+            CONTINUE;
+        END IF;
         INSERT INTO usage_agg.maintenance_runs (step, started, finished, ok, error)
         VALUES (v_step, pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp(), false,
                 'did not finish: failed or cancelled (see the server log)')
@@ -545,9 +553,6 @@ BEGIN
          WHERE id OPERATOR(pg_catalog.=) v_id;
         COMMIT;
     END LOOP;
-    PERFORM usage_agg._run_maintenance_step('reset_expired_quotas');
-    COMMIT;
-    PERFORM usage_agg._run_maintenance_step('cleanup_old_quota_logs');
     PERFORM usage_agg._trim_maintenance_runs();
 END;
 $$;
@@ -574,17 +579,15 @@ SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.
                interval '25 hours' AS overdue_after,
                CASE WHEN s.step = 'post_restore' THEN rs.restored_at IS NOT NULL
                     ELSE (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') END AS overdue
-          FROM (VALUES (0, 'post_restore'), (1, 'apply_pending_deltas'), (2, 'verify_recent_days'),
-                       (3, 'cleanup_old_key_usage_logs'), (4, 'cleanup_old_daily_logs'), (5, 'reset_expired_quotas'),
-                       (6, 'cleanup_old_quota_logs'))
-               AS s(ord, step)
+          FROM unnest(usage_agg._maintenance_steps()) WITH ORDINALITY AS s(step, ord)
           CROSS JOIN (SELECT min(r.restored_at) AS restored_at FROM usage_agg.restores r WHERE r.healed_at IS NULL) rs
           LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r
                               WHERE r.step = s.step ORDER BY r.started DESC LIMIT 1) last_run ON true
           LEFT JOIN LATERAL (SELECT r.finished, r.rows FROM usage_agg.maintenance_runs r
                               WHERE r.step = s.step AND r.ok ORDER BY r.started DESC LIMIT 1) last_ok ON true
         UNION ALL
-        SELECT 6, 'background_fold',
+        -- After every step.
+        SELECT 1000, 'background_fold',
                a.last_run_at,
                CASE WHEN a.running THEN a.state = 'running' END,
                CASE WHEN sk.days > 0 THEN sk.days || ' day(s) could not be folded: see usage_agg.fold_skipped'

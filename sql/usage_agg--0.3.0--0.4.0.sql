@@ -1076,6 +1076,12 @@ END;
 $$;
 COMMENT ON FUNCTION usage_agg.grant_read_role(name) IS
     'Lets a role read usage_agg tables and views and call the read functions and quota_status';
+CREATE FUNCTION usage_agg._maintenance_steps() RETURNS text[]
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
+             'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
+             'cleanup_old_quota_logs'];
 CREATE OR REPLACE VIEW usage_agg.maintenance_health AS
 SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.last_success_rows,
        h.overdue_after, h.overdue, h.overdue OR NOT COALESCE(h.last_run_ok, true) AS alert
@@ -1090,17 +1096,15 @@ SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.
                interval '25 hours' AS overdue_after,
                CASE WHEN s.step = 'post_restore' THEN rs.restored_at IS NOT NULL
                     ELSE (last_ok.finished IS NULL OR last_ok.finished < now() - interval '25 hours') END AS overdue
-          FROM (VALUES (0, 'post_restore'), (1, 'apply_pending_deltas'), (2, 'verify_recent_days'),
-                       (3, 'cleanup_old_key_usage_logs'), (4, 'cleanup_old_daily_logs'), (5, 'reset_expired_quotas'),
-                       (6, 'cleanup_old_quota_logs'))
-               AS s(ord, step)
+          FROM unnest(usage_agg._maintenance_steps()) WITH ORDINALITY AS s(step, ord)
           CROSS JOIN (SELECT min(r.restored_at) AS restored_at FROM usage_agg.restores r WHERE r.healed_at IS NULL) rs
           LEFT JOIN LATERAL (SELECT r.started, r.ok, r.error FROM usage_agg.maintenance_runs r
                               WHERE r.step = s.step ORDER BY r.started DESC LIMIT 1) last_run ON true
           LEFT JOIN LATERAL (SELECT r.finished, r.rows FROM usage_agg.maintenance_runs r
                               WHERE r.step = s.step AND r.ok ORDER BY r.started DESC LIMIT 1) last_ok ON true
         UNION ALL
-        SELECT 6, 'background_fold',
+        -- After every step.
+        SELECT 1000, 'background_fold',
                a.last_run_at,
                CASE WHEN a.running THEN a.state = 'running' END,
                CASE WHEN sk.days > 0 THEN sk.days || ' day(s) could not be folded: see usage_agg.fold_skipped'
@@ -1548,6 +1552,54 @@ BEGIN
     RETURN n;
 END;
 $$;
+-- _lock_quota returns the locked row alone (its updated_at: the step's instant).
+DROP FUNCTION usage_agg._lock_quota(uuid);
+CREATE FUNCTION usage_agg._lock_quota(p_user_id uuid)
+RETURNS usage_agg.quotas
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    q usage_agg.quotas;
+    at timestamptz;
+BEGIN
+    SELECT * INTO q FROM usage_agg.quotas WHERE user_id = p_user_id FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO usage_agg.quotas AS t (user_id, membership_level, monthly_quota, monthly_used, quota_reset_at, total_used)
+        SELECT p_user_id, p.membership_level, p.monthly_quota, 0, usage_agg._next_month_start(clock_timestamp()), 0
+          FROM usage_agg.quota_plans p WHERE p.membership_level = 'free'
+        ON CONFLICT (user_id) DO NOTHING;
+        SELECT * INTO q FROM usage_agg.quotas WHERE user_id = p_user_id FOR UPDATE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'usage_agg: no plan ''free'' in usage_agg.quota_plans for a new user'
+                USING ERRCODE = 'no_data_found',
+                      HINT = 'INSERT INTO usage_agg.quota_plans VALUES (''free'', 100, NULL);';
+        END IF;
+    END IF;
+    at := clock_timestamp();
+    IF at >= q.quota_reset_at THEN
+        UPDATE usage_agg.quotas
+           SET monthly_used = 0, quota_reset_at = usage_agg._next_month_start(at), updated_at = at
+         WHERE user_id = p_user_id
+        RETURNING * INTO q;
+    END IF;
+    q.updated_at := at;
+    RETURN q;
+END;
+$$;
+CREATE FUNCTION usage_agg._remaining(q usage_agg.quotas) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN greatest(q.monthly_quota - q.monthly_used, 0);
+CREATE OR REPLACE FUNCTION usage_agg._state(q usage_agg.quotas, allowed boolean, replayed boolean)
+RETURNS usage_agg.quota_state
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
+               usage_agg._remaining(q), q.quota_reset_at, q.total_used,
+               allowed, replayed)::usage_agg.quota_state
+$$;
 CREATE OR REPLACE FUNCTION usage_agg._consume(p_user_id uuid, p_amount integer, p_session_id text,
                                    p_request_id text, p_tokens_used integer, p_raise boolean)
 RETURNS usage_agg.quota_state
@@ -1557,7 +1609,6 @@ AS $$
 DECLARE
     q usage_agg.quotas;
     v_at timestamptz;
-    v_lock record;
     v_log usage_agg.quota_usage_logs;
     v_next usage_agg.quota_plans;
     v_remaining integer;
@@ -1578,9 +1629,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
-    SELECT * INTO v_lock FROM usage_agg._lock_quota(p_user_id);
-    q := v_lock.q;
-    v_at := v_lock.at;
+    q := usage_agg._lock_quota(p_user_id);
+    v_at := q.updated_at;
 
     -- Under the row lock every earlier call with this request_id has committed
     -- (or rolled back), so this check cannot race.
@@ -1596,7 +1646,7 @@ BEGIN
         END IF;
     END IF;
 
-    v_remaining := greatest(q.monthly_quota - q.monthly_used, 0);
+    v_remaining := usage_agg._remaining(q);
     IF p_amount > v_remaining THEN
         IF NOT p_raise THEN
             RETURN usage_agg._state(q, false, false);
@@ -1627,6 +1677,75 @@ BEGIN
     RETURN usage_agg._state(q, true, false);
 END;
 $$;
+CREATE FUNCTION usage_agg."_owned_service_fields"() RETURNS TEXT[] /* Vec < String > */
+IMMUTABLE STRICT PARALLEL SAFE 
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'owned_service_fields_wrapper';
+CREATE OR REPLACE FUNCTION usage_agg._replace_owned(stored jsonb, owned jsonb) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN CASE WHEN jsonb_typeof(stored) = 'object' THEN stored ELSE '{}'::jsonb END
+       || jsonb_build_object(
+            'api_call_count', owned->'api_call_count',
+            'shared_service_usage',
+                CASE WHEN jsonb_typeof(stored->'shared_service_usage') = 'object'
+                     THEN (stored->'shared_service_usage') - usage_agg._owned_service_fields()
+                     ELSE '{}'::jsonb END
+                || (owned->'shared_service_usage'),
+            'last_api_call_at', owned->'last_api_call_at');
+CREATE OR REPLACE FUNCTION usage_agg.verify_daily_logs(p_from date, p_to date)
+RETURNS TABLE (user_id uuid, date date, field text, aggregate_value jsonb, detail_value jsonb)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_from date;
+BEGIN
+    PERFORM usage_agg._check_day_range(p_from, p_to);
+    -- Days whose detail the retention cleanup removed cannot be checked.
+    v_from := greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+    IF v_from > p_to THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH agg AS MATERIALIZED (
+        SELECT a.source, a.user_id, a.date, a.log_data FROM usage_agg._aggregates(v_from, p_to) a
+    ), expected AS (
+        SELECT e.user_id, e.date, e.log_data FROM agg e WHERE e.source = 'detail'
+    ), pending AS (
+        SELECT e.user_id, e.date, e.log_data FROM agg e WHERE e.source = 'pending'
+    ), stored AS (
+        -- What readers see: daily_logs plus the calls still pending (deferred mode).
+        SELECT COALESCE(d.user_id, p.user_id) AS user_id, COALESCE(d.date, p.date) AS date,
+               CASE WHEN p.log_data IS NULL THEN d.log_data
+                    ELSE usage_agg._rollup_merge(COALESCE(d.log_data, '{}'::jsonb), p.log_data) END AS log_data
+          FROM (SELECT dl.user_id, dl.date, dl.log_data FROM usage_agg.daily_logs dl
+                 WHERE dl.date BETWEEN v_from AND p_to) d
+          FULL JOIN pending p ON p.user_id = d.user_id AND p.date = d.date
+    ), pairs AS (
+        SELECT COALESCE(s.user_id, e.user_id) AS user_id,
+               COALESCE(s.date, e.date) AS date,
+               s.log_data AS a,
+               COALESCE(e.log_data, usage_agg._empty_log_data()) AS x
+          FROM stored s FULL JOIN expected e ON e.user_id = s.user_id AND e.date = s.date
+    )
+    SELECT p.user_id, p.date, f.field, f.a, f.x
+      FROM pairs p
+     -- Every owned field (keys_used compared as a set).
+     CROSS JOIN LATERAL (
+        SELECT o.field,
+               usage_agg._sorted_array(p.a #> pg_catalog.string_to_array(o.field, '.')) AS a,
+               usage_agg._sorted_array(p.x #> pg_catalog.string_to_array(o.field, '.')) AS x
+          FROM unnest(ARRAY['api_call_count', 'last_api_call_at']
+                      || ARRAY(SELECT 'shared_service_usage.' || s
+                                 FROM unnest(usage_agg._owned_service_fields()) s)) AS o(field)
+     ) AS f
+     WHERE f.a IS DISTINCT FROM f.x
+     ORDER BY p.date, p.user_id, f.field;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.verify_daily_logs(date, date) IS
+    'Lists every (user, date, field) where daily_logs (plus pending deltas) and a GROUP BY over key_usage_logs disagree; empty means consistent. Days whose detail has expired are skipped.';
 CREATE FUNCTION usage_agg.cleanup_old_quota_logs(keep interval DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -1732,9 +1851,7 @@ DECLARE
     v_step text;
 BEGIN
     -- A cancel (or statement_timeout) stops them all.
-    FOREACH v_step IN ARRAY ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
-                                  'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
-                                  'cleanup_old_quota_logs'] LOOP
+    FOREACH v_step IN ARRAY usage_agg._maintenance_steps() LOOP
         RETURN NEXT usage_agg._run_maintenance_step(v_step);
     END LOOP;
     PERFORM usage_agg._trim_maintenance_runs();
@@ -1750,11 +1867,12 @@ DECLARE
     v_id uuid;
     v_rows bigint;
 BEGIN
-    FOREACH v_step IN ARRAY ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days'] LOOP
-        PERFORM usage_agg._run_maintenance_step(v_step);
-        COMMIT;
-    END LOOP;
-    FOREACH v_step IN ARRAY ARRAY['cleanup_old_key_usage_logs', 'cleanup_old_daily_logs'] LOOP
+    FOREACH v_step IN ARRAY usage_agg._maintenance_steps() LOOP
+        IF NOT v_step OPERATOR(pg_catalog.=) ANY (ARRAY['cleanup_old_key_usage_logs', 'cleanup_old_daily_logs']) THEN
+            PERFORM usage_agg._run_maintenance_step(v_step);
+            COMMIT;
+            CONTINUE;
+        END IF;
         INSERT INTO usage_agg.maintenance_runs (step, started, finished, ok, error)
         VALUES (v_step, pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp(), false,
                 'did not finish: failed or cancelled (see the server log)')
@@ -1770,9 +1888,6 @@ BEGIN
          WHERE id OPERATOR(pg_catalog.=) v_id;
         COMMIT;
     END LOOP;
-    PERFORM usage_agg._run_maintenance_step('reset_expired_quotas');
-    COMMIT;
-    PERFORM usage_agg._run_maintenance_step('cleanup_old_quota_logs');
     PERFORM usage_agg._trim_maintenance_runs();
 END;
 $$;
@@ -1851,20 +1966,18 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q usage_agg.quotas;
-    v_lock record;
     v_pct numeric;
     v_tz text;
     v_today date;
 BEGIN
     PERFORM usage_agg._check_user($1);
-    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
-    q := v_lock.q;
+    q := usage_agg._lock_quota($1);
     v_pct := CASE WHEN q.monthly_quota = 0 THEN 100
                   ELSE round(100.0 * q.monthly_used / q.monthly_quota, 2) END;
     v_tz := usage_agg._timezone();
-    v_today := (v_lock.at AT TIME ZONE v_tz)::date;
+    v_today := (q.updated_at AT TIME ZONE v_tz)::date;
     RETURN ROW(q.user_id, q.membership_level, q.monthly_quota, q.monthly_used,
-               greatest(q.monthly_quota - q.monthly_used, 0), q.quota_reset_at, q.total_used,
+               usage_agg._remaining(q), q.quota_reset_at, q.total_used,
                v_pct, v_pct > 80, (usage_agg._next_plan(q.membership_level)).membership_level,
                COALESCE((SELECT sum(l.amount) FROM usage_agg.quota_usage_logs l
                           WHERE l.user_id = $1 AND l.refunded_at IS NULL
@@ -1882,7 +1995,6 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     q usage_agg.quotas;
-    v_lock record;
     v_plan usage_agg.quota_plans;
 BEGIN
     PERFORM usage_agg._check_user($1);
@@ -1893,9 +2005,9 @@ BEGIN
                   HINT = format('Known plans: %s.', (SELECT string_agg(p.membership_level, ', ' ORDER BY p.monthly_quota)
                                                       FROM usage_agg.quota_plans p));
     END IF;
-    SELECT * INTO v_lock FROM usage_agg._lock_quota($1);
+    q := usage_agg._lock_quota($1);
     UPDATE usage_agg.quotas t
-       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = v_lock.at
+       SET membership_level = v_plan.membership_level, monthly_quota = v_plan.monthly_quota, updated_at = q.updated_at
      WHERE t.user_id = $1
     RETURNING * INTO q;
     RETURN usage_agg._state(q, true, false);
@@ -1912,7 +2024,7 @@ DECLARE
     v_user uuid;
     v_log usage_agg.quota_usage_logs;
     q usage_agg.quotas;
-    v_lock record;
+    v_at timestamptz;
 BEGIN
     IF $1 IS NULL THEN
         RAISE EXCEPTION 'usage_agg: request_id must not be NULL'
@@ -1925,19 +2037,19 @@ BEGIN
                   HINT = 'Only calls made with a request_id can be refunded.';
     END IF;
     -- Same lock order as consume: the user's quota row first, then the log row.
-    SELECT * INTO v_lock FROM usage_agg._lock_quota(v_user);
-    q := v_lock.q;
+    q := usage_agg._lock_quota(v_user);
+    v_at := q.updated_at;
     SELECT * INTO v_log FROM usage_agg.quota_usage_logs l WHERE l.request_id = $1 FOR UPDATE;
     IF v_log.refunded_at IS NOT NULL THEN
         RETURN usage_agg._state(q, false, true);
     END IF;
-    UPDATE usage_agg.quota_usage_logs l SET refunded_at = v_lock.at WHERE l.id = v_log.id;
+    UPDATE usage_agg.quota_usage_logs l SET refunded_at = v_at WHERE l.id = v_log.id;
     -- Only a consumption of the current month gives monthly quota back.
     UPDATE usage_agg.quotas t
        SET monthly_used = CASE WHEN v_log.created_at >= usage_agg._month_before(q.quota_reset_at)
                                THEN greatest(t.monthly_used - v_log.amount, 0) ELSE t.monthly_used END,
            total_used = greatest(t.total_used - v_log.amount, 0),
-           updated_at = v_lock.at
+           updated_at = v_at
      WHERE t.user_id = v_user
     RETURNING * INTO q;
     RETURN usage_agg._state(q, true, false);

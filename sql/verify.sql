@@ -91,9 +91,7 @@ RETURN CASE WHEN jsonb_typeof(stored) = 'object' THEN stored ELSE '{}'::jsonb EN
             'api_call_count', owned->'api_call_count',
             'shared_service_usage',
                 CASE WHEN jsonb_typeof(stored->'shared_service_usage') = 'object'
-                     THEN (stored->'shared_service_usage')
-                          - ARRAY['total_calls', 'successful_calls', 'failed_calls', 'tokens_used',
-                                  'estimated_cost', 'keys_used', 'by_model', 'by_key']
+                     THEN (stored->'shared_service_usage') - usage_agg._owned_service_fields()
                      ELSE '{}'::jsonb END
                 || (owned->'shared_service_usage'),
             'last_api_call_at', owned->'last_api_call_at');
@@ -163,24 +161,21 @@ BEGIN
     ), pairs AS (
         SELECT COALESCE(s.user_id, e.user_id) AS user_id,
                COALESCE(s.date, e.date) AS date,
-               CASE WHEN s.log_data IS NULL THEN NULL ELSE s.log_data END AS a,
+               s.log_data AS a,
                COALESCE(e.log_data, usage_agg._empty_log_data()) AS x
           FROM stored s FULL JOIN expected e ON e.user_id = s.user_id AND e.date = s.date
     )
     SELECT p.user_id, p.date, f.field, f.a, f.x
       FROM pairs p
-     CROSS JOIN LATERAL (VALUES
-        ('api_call_count', p.a->'api_call_count', p.x->'api_call_count'),
-        ('shared_service_usage.total_calls', p.a->'shared_service_usage'->'total_calls', p.x->'shared_service_usage'->'total_calls'),
-        ('shared_service_usage.successful_calls', p.a->'shared_service_usage'->'successful_calls', p.x->'shared_service_usage'->'successful_calls'),
-        ('shared_service_usage.failed_calls', p.a->'shared_service_usage'->'failed_calls', p.x->'shared_service_usage'->'failed_calls'),
-        ('shared_service_usage.tokens_used', p.a->'shared_service_usage'->'tokens_used', p.x->'shared_service_usage'->'tokens_used'),
-        ('shared_service_usage.estimated_cost', p.a->'shared_service_usage'->'estimated_cost', p.x->'shared_service_usage'->'estimated_cost'),
-        ('shared_service_usage.keys_used', usage_agg._sorted_array(p.a->'shared_service_usage'->'keys_used'), usage_agg._sorted_array(p.x->'shared_service_usage'->'keys_used')),
-        ('shared_service_usage.by_model', p.a->'shared_service_usage'->'by_model', p.x->'shared_service_usage'->'by_model'),
-        ('shared_service_usage.by_key', p.a->'shared_service_usage'->'by_key', p.x->'shared_service_usage'->'by_key'),
-        ('last_api_call_at', p.a->'last_api_call_at', p.x->'last_api_call_at')
-     ) AS f(field, a, x)
+     -- Every owned field (keys_used compared as a set).
+     CROSS JOIN LATERAL (
+        SELECT o.field,
+               usage_agg._sorted_array(p.a #> pg_catalog.string_to_array(o.field, '.')) AS a,
+               usage_agg._sorted_array(p.x #> pg_catalog.string_to_array(o.field, '.')) AS x
+          FROM unnest(ARRAY['api_call_count', 'last_api_call_at']
+                      || ARRAY(SELECT 'shared_service_usage.' || s
+                                 FROM unnest(usage_agg._owned_service_fields()) s)) AS o(field)
+     ) AS f
      WHERE f.a IS DISTINCT FROM f.x
      ORDER BY p.date, p.user_id, f.field;
 END;

@@ -64,7 +64,11 @@ extension_sql_file!(
     name = "fold_triggers",
     requires = ["schema", trigger::fold_key_usage_logs, config_changed]
 );
-extension_sql_file!("../sql/verify.sql", name = "verify", requires = ["schema"]);
+extension_sql_file!(
+    "../sql/verify.sql",
+    name = "verify",
+    requires = ["schema", retention::owned_service_fields]
+);
 extension_sql_file!("../sql/quotas.sql", name = "quotas", requires = ["schema"]);
 extension_sql_file!(
     "../sql/budgets.sql",

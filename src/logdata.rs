@@ -28,6 +28,18 @@ pub const BY_KEY: &str = "by_key";
 
 /// The integer counters inside `shared_service_usage`, in layout order.
 const SSU_COUNTERS: [&str; 4] = [TOTAL_CALLS, SUCCESSFUL_CALLS, FAILED_CALLS, TOKENS_USED];
+/// Every field of `shared_service_usage` that usage_agg owns (the rest belong
+/// to the application); SQL reads this list through `usage_agg._owned_service_fields()`.
+pub const OWNED_SERVICE_FIELDS: [&str; 8] = [
+    TOTAL_CALLS,
+    SUCCESSFUL_CALLS,
+    FAILED_CALLS,
+    TOKENS_USED,
+    ESTIMATED_COST,
+    KEYS_USED,
+    BY_MODEL,
+    BY_KEY,
+];
 
 /// A stored document's owned field does not have the shape the fold needs.
 #[derive(Debug, Clone, PartialEq, Eq)]

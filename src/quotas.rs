@@ -41,6 +41,8 @@ kept_statement!(
     /// quota state, what the log row and the alert check need, and whether the
     /// step is still inside the quota month (the clock, read in the SET after
     /// the row lock, before `quota_reset_at`); no row when nothing was deducted.
+    /// `remaining` is `usage_agg._remaining(q)` written out: a function call
+    /// here would be paid on every call of the hot path.
     DEDUCT {
         what: "consuming quota",
         sql: Sql::Text(

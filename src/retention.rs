@@ -8,6 +8,16 @@ use crate::errors;
 use crate::jsonb::Jsonb;
 use crate::logdata;
 
+/// The fields of `shared_service_usage` that usage_agg owns, for the SQL that
+/// replaces or compares them (`_replace_owned`, `verify_daily_logs`).
+#[pg_extern(immutable, parallel_safe, name = "_owned_service_fields")]
+fn owned_service_fields() -> Vec<String> {
+    logdata::OWNED_SERVICE_FIELDS
+        .iter()
+        .map(|f| f.to_string())
+        .collect()
+}
+
 /// Adds one day's `log_data` into a month's (state function of the
 /// `usage_agg._rollup(jsonb)` aggregate, and the ON CONFLICT arm of the roll-up).
 #[pg_extern(immutable, parallel_safe, name = "_rollup_merge")]

@@ -32,6 +32,7 @@ UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful <
 -- @replace usage_agg.cleanup_old_daily_logs
 -- @replace usage_agg.expire_daily_logs
 -- @replace usage_agg.grant_read_role
+-- @create usage_agg._maintenance_steps
 -- @replace usage_agg.maintenance_health
 -- @replace usage_agg.import_legacy
 -- @replace usage_agg._verify_recent_days
@@ -63,7 +64,15 @@ CREATE INDEX quota_usage_logs_created_at ON usage_agg.quota_usage_logs USING bri
 -- @replace usage_agg._config_validate
 -- @replace usage_agg._quota_plans_restore
 -- @include sql/budgets.sql
+-- _lock_quota returns the locked row alone (its updated_at: the step's instant).
+DROP FUNCTION usage_agg._lock_quota(uuid);
+-- @create usage_agg._lock_quota
+-- @create usage_agg._remaining
+-- @replace usage_agg._state
 -- @replace usage_agg._consume
+-- @create usage_agg._owned_service_fields
+-- @replace usage_agg._replace_owned
+-- @replace usage_agg.verify_daily_logs
 -- @create usage_agg.cleanup_old_quota_logs
 -- @replace usage_agg._run_maintenance_step
 -- @replace usage_agg.run_maintenance
