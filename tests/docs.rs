@@ -125,7 +125,10 @@ fn drop_roles(db: &TestDb, roles: &[String], with_database: bool) {
         return;
     }
     let mut admin = postgres::Client::connect(
-        &format!("host=127.0.0.1 port={} user=postgres dbname=postgres", db.port),
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            db.port
+        ),
         postgres::NoTls,
     )
     .expect("connect to the test cluster");
