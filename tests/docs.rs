@@ -119,24 +119,8 @@ fn created_roles(blocks: &[Block]) -> Vec<String> {
         .collect()
 }
 
-/// Drops `roles` (after the page's database when `with_database`).
-fn drop_roles(db: &TestDb, roles: &[String], with_database: bool) {
-    if roles.is_empty() && !with_database {
-        return;
-    }
-    let mut admin = postgres::Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            db.port
-        ),
-        postgres::NoTls,
-    )
-    .expect("connect to the test cluster");
-    if with_database {
-        admin
-            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
-            .unwrap();
-    }
+/// Drops `roles` (roles are cluster-wide; a page's database is not).
+fn drop_roles(admin: &mut postgres::Client, roles: &[String]) {
     for role in roles {
         assert!(
             role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
@@ -173,7 +157,8 @@ fn the_sql_of_the_manual_runs_and_shows_what_it_prints() {
         let page_blocks: Vec<Block> = blocks(&markdown).into_iter().filter(|b| b.run).collect();
         // Roles are global: the ones a page creates are dropped before and after it.
         let roles = created_roles(&page_blocks);
-        drop_roles(&db, &roles, false);
+        let mut admin = admin_client(&db.port);
+        drop_roles(&mut admin, &roles);
         // A page that starts with CREATE EXTENSION (README's quick start) gets
         // a database without it.
         if page_blocks
@@ -202,7 +187,10 @@ fn the_sql_of_the_manual_runs_and_shows_what_it_prints() {
             }
             checked += 1;
         }
-        drop_roles(&db, &roles, true);
+        admin
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
+            .unwrap();
+        drop_roles(&mut admin, &roles);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
     assert!(checked > 5, "ran {checked} blocks");

@@ -25,6 +25,13 @@ pub fn applier_port() -> String {
     )
 }
 
+/// A superuser connection to the `postgres` database of the cluster on `port`
+/// (creating and dropping databases and roles).
+pub fn admin_client(port: &str) -> Client {
+    let dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    Client::connect(&dsn, NoTls).expect("connect to the test cluster")
+}
+
 pub struct TestDb {
     pub name: String,
     pub port: String,
@@ -55,8 +62,7 @@ impl TestDb {
 
     fn on(port: String, name: &str) -> TestDb {
         let name = format!("ua_{name}");
-        let admin_dsn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
-        let mut admin = Client::connect(&admin_dsn, NoTls).expect("connect to the test cluster");
+        let mut admin = admin_client(&port);
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
             .expect("drop old test database");
