@@ -83,11 +83,11 @@ CREATE FUNCTION usage_agg._folded_month_cost(p_user_id uuid, p_month date, p_thr
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT COALESCE((SELECT sum((d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric)
-                       FROM usage_agg.daily_logs d
+    SELECT COALESCE((SELECT sum(t.cost)
+                       FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
                       WHERE d.user_id = p_user_id AND d.date >= p_month AND d.date <= p_through), 0)
-         + COALESCE((SELECT (m.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
-                       FROM usage_agg.monthly_logs m
+         + COALESCE((SELECT t.cost
+                       FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
                       WHERE m.user_id = p_user_id AND m.month = p_month), 0)
 $$;
 
@@ -163,8 +163,9 @@ BEGIN
          WHERE f.delta > 0 AND l.daily_cost_limit IS NOT NULL
          ORDER BY f.user_id, f.day
     LOOP
-        v_after := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
-                               FROM usage_agg.daily_logs d WHERE d.user_id = r.user_id AND d.date = r.day), 0);
+        v_after := COALESCE((SELECT t.cost
+                               FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
+                              WHERE d.user_id = r.user_id AND d.date = r.day), 0);
         n := n + usage_agg._record_alerts(r.user_id, 'daily_cost', r.day, v_after - r.delta, v_after,
                                           r.daily_cost_limit, v_at);
     END LOOP;

@@ -598,8 +598,7 @@ AS $$
 DECLARE
     v_from date;
 BEGIN
-    PERFORM usage_agg._check_day_range(p_from, p_to);
-    v_from := greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+    v_from := usage_agg._detail_from(p_from, p_to);
     IF v_from > p_to THEN
         RETURN;
     END IF;
@@ -758,19 +757,17 @@ DECLARE
     v_service bigint;
 BEGIN
     INSERT INTO usage_agg.key_daily_logs AS t (shared_key_id, date, log_data)
-    SELECT c.key::uuid, d.date,
+    SELECT c.name::uuid, d.date,
            jsonb_build_object(
-               'total_calls', sum((c.value->>'calls')::bigint), 'successful_calls', NULL, 'failed_calls', NULL,
-               'tokens_used', sum((c.value->>'tokens')::bigint), 'estimated_cost', sum((c.value->>'cost')::numeric),
+               'total_calls', sum(c.calls), 'successful_calls', NULL, 'failed_calls', NULL,
+               'tokens_used', sum(c.tokens), 'estimated_cost', sum(c.cost),
                'users', count(*), 'by_model', '{}'::jsonb, 'last_call_at', NULL, 'last_failure_at', NULL,
                'recovered_from', 'daily_logs.by_key')
-      FROM usage_agg.daily_logs d
-     CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'by_key') = 'object'
-                                        THEN d.log_data->'shared_service_usage'->'by_key' ELSE '{}'::jsonb END) c
+      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_key') c
      WHERE d.date < p_before
-       AND (c.value->>'calls')::bigint > 0
+       AND c.calls > 0
        AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
-     GROUP BY c.key, d.date
+     GROUP BY c.name, d.date
     ON CONFLICT (shared_key_id, date) DO UPDATE
        SET log_data = usage_agg._rollup_add(t.log_data, EXCLUDED.log_data), last_modified = now();
     GET DIAGNOSTICS v_keys = ROW_COUNT;
@@ -778,26 +775,24 @@ BEGIN
     INSERT INTO usage_agg.service_daily_logs AS t (date, log_data)
     SELECT d.date,
            jsonb_build_object(
-               'total_calls', sum((d.log_data->>'api_call_count')::bigint),
-               'successful_calls', sum((d.log_data->'shared_service_usage'->>'successful_calls')::bigint),
-               'failed_calls', sum((d.log_data->'shared_service_usage'->>'failed_calls')::bigint),
-               'tokens_used', sum((d.log_data->'shared_service_usage'->>'tokens_used')::bigint),
-               'estimated_cost', sum((d.log_data->'shared_service_usage'->>'estimated_cost')::numeric),
-               'users', count(*) FILTER (WHERE d.log_data->'api_call_count' > '0'::jsonb),
+               'total_calls', sum(t.calls),
+               'successful_calls', sum(t.successful),
+               'failed_calls', sum(t.failed),
+               'tokens_used', sum(t.tokens),
+               'estimated_cost', sum(t.cost),
+               'users', count(*) FILTER (WHERE t.calls > 0),
                'by_model', COALESCE((SELECT jsonb_object_agg(m.model, jsonb_build_object(
                                             'calls', m.calls, 'failed', NULL, 'tokens', m.tokens, 'cost', m.cost))
-                                       FROM (SELECT c.key AS model, sum((c.value->>'calls')::bigint) AS calls,
-                                                    sum((c.value->>'tokens')::bigint) AS tokens,
-                                                    sum((c.value->>'cost')::numeric) AS cost
+                                       FROM (SELECT c.name AS model, sum(c.calls) AS calls,
+                                                    sum(c.tokens) AS tokens, sum(c.cost) AS cost
                                                FROM usage_agg.daily_logs u
-                                              CROSS JOIN LATERAL jsonb_each(u.log_data->'shared_service_usage'->'by_model') c
+                                              CROSS JOIN LATERAL usage_agg._cells(u.log_data, 'by_model') c
                                               WHERE u.date = d.date
-                                                AND jsonb_typeof(u.log_data->'shared_service_usage'->'by_model') = 'object'
-                                              GROUP BY c.key) m), '{}'::jsonb),
-               'last_call_at', usage_agg._iso_utc(max((d.log_data->>'last_api_call_at')::timestamptz)),
+                                              GROUP BY c.name) m), '{}'::jsonb),
+               'last_call_at', usage_agg._iso_utc(max(t.last_api_call_at)),
                'last_failure_at', NULL,
                'recovered_from', 'daily_logs')
-      FROM usage_agg.daily_logs d
+      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
      WHERE d.date < p_before
        AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
      GROUP BY d.date

@@ -33,26 +33,15 @@ BEGIN
     -- A day already rolled up into its month cannot be told apart there.
     v_today_known := v_day >= (SELECT h.daily_kept_from FROM usage_agg.retention_horizon h);
     -- One pass over the user's rows, each window a filtered sum (this is on the
-    -- request path of applications: #>> reads a nested number without copying
-    -- the object around it).
+    -- request path of applications).
     RETURN QUERY
     WITH rows_of_user AS (
-        SELECT d.date AS first_day, true AS is_day,
-               (d.log_data->>'api_call_count')::bigint AS calls,
-               (d.log_data#>>'{shared_service_usage,successful_calls}')::bigint AS successful,
-               (d.log_data#>>'{shared_service_usage,failed_calls}')::bigint AS failed,
-               (d.log_data#>>'{shared_service_usage,tokens_used}')::bigint AS tokens,
-               (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric AS cost
-          FROM usage_agg.daily_logs d
+        SELECT d.date AS first_day, true AS is_day, t.calls, t.successful, t.failed, t.tokens, t.cost
+          FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
          WHERE d.user_id = $1 AND d.date <= v_day
         UNION ALL
-        SELECT m.month, false,
-               (m.log_data->>'api_call_count')::bigint,
-               (m.log_data#>>'{shared_service_usage,successful_calls}')::bigint,
-               (m.log_data#>>'{shared_service_usage,failed_calls}')::bigint,
-               (m.log_data#>>'{shared_service_usage,tokens_used}')::bigint,
-               (m.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
-          FROM usage_agg.monthly_logs m
+        SELECT m.month, false, t.calls, t.successful, t.failed, t.tokens, t.cost
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
          WHERE m.user_id = $1 AND m.month <= v_day
         UNION ALL
         -- Deferred mode: calls not folded into daily_logs yet.
@@ -114,8 +103,8 @@ BEGIN
     v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
     v_month := date_trunc('month', v_day)::date;
     SELECT * INTO v_limits FROM usage_agg._cost_limits($1);
-    v_cost := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
-                          FROM usage_agg.daily_logs d
+    v_cost := COALESCE((SELECT t.cost
+                          FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
                          WHERE d.user_id = $1 AND d.date = v_day), 0)
             + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
                          WHERE p.user_id = $1 AND p.day = v_day), 0);
@@ -142,15 +131,15 @@ COMMENT ON FUNCTION usage_agg.check_usage_limit(uuid, timestamptz) IS
 CREATE VIEW usage_agg.daily_usage AS
 SELECT d.user_id,
        d.date,
-       (d.log_data->>'api_call_count')::bigint AS calls,
-       (d.log_data->'shared_service_usage'->>'successful_calls')::bigint AS successful_calls,
-       (d.log_data->'shared_service_usage'->>'failed_calls')::bigint AS failed_calls,
-       (d.log_data->'shared_service_usage'->>'tokens_used')::bigint AS tokens_used,
-       (d.log_data->'shared_service_usage'->>'estimated_cost')::numeric AS estimated_cost,
+       t.calls,
+       t.successful AS successful_calls,
+       t.failed AS failed_calls,
+       t.tokens AS tokens_used,
+       t.cost AS estimated_cost,
        CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'keys_used') = 'array'
             THEN jsonb_array_length(d.log_data->'shared_service_usage'->'keys_used') ELSE 0 END AS keys_used,
-       (d.log_data->>'last_api_call_at')::timestamptz AS last_api_call_at
-  FROM usage_agg.daily_logs d;
+       t.last_api_call_at
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t;
 COMMENT ON VIEW usage_agg.daily_usage IS 'daily_logs as plain columns (one row per user and business day)';
 
 -- Months: the rolled-up monthly rows plus the days not rolled up yet.
@@ -162,14 +151,9 @@ SELECT u.user_id, u.month,
        sum(u.tokens_used)::bigint AS tokens_used,
        sum(u.estimated_cost) AS estimated_cost,
        max(u.last_api_call_at) AS last_api_call_at
-  FROM (SELECT m.user_id, m.month,
-               (m.log_data->>'api_call_count')::bigint AS calls,
-               (m.log_data->'shared_service_usage'->>'successful_calls')::bigint AS successful_calls,
-               (m.log_data->'shared_service_usage'->>'failed_calls')::bigint AS failed_calls,
-               (m.log_data->'shared_service_usage'->>'tokens_used')::bigint AS tokens_used,
-               (m.log_data->'shared_service_usage'->>'estimated_cost')::numeric AS estimated_cost,
-               (m.log_data->>'last_api_call_at')::timestamptz AS last_api_call_at
-          FROM usage_agg.monthly_logs m
+  FROM (SELECT m.user_id, m.month, t.calls, t.successful AS successful_calls, t.failed AS failed_calls,
+               t.tokens AS tokens_used, t.cost AS estimated_cost, t.last_api_call_at
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
         UNION ALL
         SELECT d.user_id, date_trunc('month', d.date::timestamp)::date,
                d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost, d.last_api_call_at
@@ -177,17 +161,6 @@ SELECT u.user_id, u.month,
  GROUP BY u.user_id, u.month;
 COMMENT ON VIEW usage_agg.monthly_usage IS
     'Usage per user and calendar month (business time zone): monthly_logs plus the daily_logs days not rolled up yet';
-
--- The by_model / by_key cells of a document as rows.
-CREATE FUNCTION usage_agg._cells(log_data jsonb, kind text)
-RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric)
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
-      FROM jsonb_each(CASE WHEN jsonb_typeof(log_data->'shared_service_usage'->kind) = 'object'
-                           THEN log_data->'shared_service_usage'->kind ELSE '{}'::jsonb END) c
-$$;
 
 CREATE VIEW usage_agg.daily_usage_by_model AS
 SELECT d.user_id, d.date, c.name AS model, c.calls, c.tokens, c.cost

@@ -305,3 +305,33 @@ SELECT pg_catalog.pg_extension_config_dump('usage_agg.daily_logs', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.monthly_logs', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.pending_deltas', '');
 SELECT pg_catalog.pg_extension_config_dump('usage_agg.retention_horizon', '');
+
+-- The totals of a daily or monthly log_data document as columns: the one
+-- place that reads them. A SQL-standard body is bound when it is created (no
+-- search_path needed) and is inlined into the query that calls it, so reading
+-- through it costs nothing (#>> reads a nested number without copying the
+-- object around it).
+CREATE FUNCTION usage_agg._totals(log_data jsonb)
+RETURNS TABLE (calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric,
+               last_api_call_at timestamptz)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT (log_data->>'api_call_count')::bigint,
+           (log_data#>>'{shared_service_usage,successful_calls}')::bigint,
+           (log_data#>>'{shared_service_usage,failed_calls}')::bigint,
+           (log_data#>>'{shared_service_usage,tokens_used}')::bigint,
+           (log_data#>>'{shared_service_usage,estimated_cost}')::numeric,
+           (log_data->>'last_api_call_at')::timestamptz;
+END;
+
+-- The by_model / by_key cells of a document as rows (name, calls, tokens,
+-- cost); none when the document has no such object. Bound and inlined like
+-- _totals.
+CREATE FUNCTION usage_agg._cells(log_data jsonb, kind text)
+RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+      FROM jsonb_each(CASE WHEN jsonb_typeof(log_data->'shared_service_usage'->kind) = 'object'
+                           THEN log_data->'shared_service_usage'->kind ELSE '{}'::jsonb END) c;
+END;

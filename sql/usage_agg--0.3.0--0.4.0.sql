@@ -22,6 +22,39 @@ ALTER TABLE usage_agg.pending_deltas ADD COLUMN last_failure_at timestamptz;
 -- One row per call (all but bulk groups): exact; a bulk group: its newest call.
 UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful < calls;
 
+-- The totals and cells of a user's document read in one place each, inlined
+-- into the queries that read them (budgets.sql and keys.sql below use them).
+CREATE FUNCTION usage_agg._totals(log_data jsonb)
+RETURNS TABLE (calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric,
+               last_api_call_at timestamptz)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT (log_data->>'api_call_count')::bigint,
+           (log_data#>>'{shared_service_usage,successful_calls}')::bigint,
+           (log_data#>>'{shared_service_usage,failed_calls}')::bigint,
+           (log_data#>>'{shared_service_usage,tokens_used}')::bigint,
+           (log_data#>>'{shared_service_usage,estimated_cost}')::numeric,
+           (log_data->>'last_api_call_at')::timestamptz;
+END;
+CREATE OR REPLACE FUNCTION usage_agg._cells(log_data jsonb, kind text)
+RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+      FROM jsonb_each(CASE WHEN jsonb_typeof(log_data->'shared_service_usage'->kind) = 'object'
+                           THEN log_data->'shared_service_usage'->kind ELSE '{}'::jsonb END) c;
+END;
+-- The days of a range that still have detail, for verify and rebuild.
+CREATE FUNCTION usage_agg._detail_from(p_from date, p_to date) RETURNS date
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg._check_day_range(p_from, p_to);
+    RETURN greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+END;
+$$;
+
 CREATE FUNCTION usage_agg."_rollup_add"(
 	"stored" jsonb, /* Jsonb */
 	"delta" jsonb, /* Jsonb */
@@ -649,8 +682,7 @@ AS $$
 DECLARE
     v_from date;
 BEGIN
-    PERFORM usage_agg._check_day_range(p_from, p_to);
-    v_from := greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+    v_from := usage_agg._detail_from(p_from, p_to);
     IF v_from > p_to THEN
         RETURN;
     END IF;
@@ -809,19 +841,17 @@ DECLARE
     v_service bigint;
 BEGIN
     INSERT INTO usage_agg.key_daily_logs AS t (shared_key_id, date, log_data)
-    SELECT c.key::uuid, d.date,
+    SELECT c.name::uuid, d.date,
            jsonb_build_object(
-               'total_calls', sum((c.value->>'calls')::bigint), 'successful_calls', NULL, 'failed_calls', NULL,
-               'tokens_used', sum((c.value->>'tokens')::bigint), 'estimated_cost', sum((c.value->>'cost')::numeric),
+               'total_calls', sum(c.calls), 'successful_calls', NULL, 'failed_calls', NULL,
+               'tokens_used', sum(c.tokens), 'estimated_cost', sum(c.cost),
                'users', count(*), 'by_model', '{}'::jsonb, 'last_call_at', NULL, 'last_failure_at', NULL,
                'recovered_from', 'daily_logs.by_key')
-      FROM usage_agg.daily_logs d
-     CROSS JOIN LATERAL jsonb_each(CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'by_key') = 'object'
-                                        THEN d.log_data->'shared_service_usage'->'by_key' ELSE '{}'::jsonb END) c
+      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_key') c
      WHERE d.date < p_before
-       AND (c.value->>'calls')::bigint > 0
+       AND c.calls > 0
        AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
-     GROUP BY c.key, d.date
+     GROUP BY c.name, d.date
     ON CONFLICT (shared_key_id, date) DO UPDATE
        SET log_data = usage_agg._rollup_add(t.log_data, EXCLUDED.log_data), last_modified = now();
     GET DIAGNOSTICS v_keys = ROW_COUNT;
@@ -829,26 +859,24 @@ BEGIN
     INSERT INTO usage_agg.service_daily_logs AS t (date, log_data)
     SELECT d.date,
            jsonb_build_object(
-               'total_calls', sum((d.log_data->>'api_call_count')::bigint),
-               'successful_calls', sum((d.log_data->'shared_service_usage'->>'successful_calls')::bigint),
-               'failed_calls', sum((d.log_data->'shared_service_usage'->>'failed_calls')::bigint),
-               'tokens_used', sum((d.log_data->'shared_service_usage'->>'tokens_used')::bigint),
-               'estimated_cost', sum((d.log_data->'shared_service_usage'->>'estimated_cost')::numeric),
-               'users', count(*) FILTER (WHERE d.log_data->'api_call_count' > '0'::jsonb),
+               'total_calls', sum(t.calls),
+               'successful_calls', sum(t.successful),
+               'failed_calls', sum(t.failed),
+               'tokens_used', sum(t.tokens),
+               'estimated_cost', sum(t.cost),
+               'users', count(*) FILTER (WHERE t.calls > 0),
                'by_model', COALESCE((SELECT jsonb_object_agg(m.model, jsonb_build_object(
                                             'calls', m.calls, 'failed', NULL, 'tokens', m.tokens, 'cost', m.cost))
-                                       FROM (SELECT c.key AS model, sum((c.value->>'calls')::bigint) AS calls,
-                                                    sum((c.value->>'tokens')::bigint) AS tokens,
-                                                    sum((c.value->>'cost')::numeric) AS cost
+                                       FROM (SELECT c.name AS model, sum(c.calls) AS calls,
+                                                    sum(c.tokens) AS tokens, sum(c.cost) AS cost
                                                FROM usage_agg.daily_logs u
-                                              CROSS JOIN LATERAL jsonb_each(u.log_data->'shared_service_usage'->'by_model') c
+                                              CROSS JOIN LATERAL usage_agg._cells(u.log_data, 'by_model') c
                                               WHERE u.date = d.date
-                                                AND jsonb_typeof(u.log_data->'shared_service_usage'->'by_model') = 'object'
-                                              GROUP BY c.key) m), '{}'::jsonb),
-               'last_call_at', usage_agg._iso_utc(max((d.log_data->>'last_api_call_at')::timestamptz)),
+                                              GROUP BY c.name) m), '{}'::jsonb),
+               'last_call_at', usage_agg._iso_utc(max(t.last_api_call_at)),
                'last_failure_at', NULL,
                'recovered_from', 'daily_logs')
-      FROM usage_agg.daily_logs d
+      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
      WHERE d.date < p_before
        AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
      GROUP BY d.date
@@ -914,10 +942,9 @@ DECLARE
     v_first date;
     v_last date;
 BEGIN
-    PERFORM usage_agg._check_day_range(p_from, p_to);
     -- Days whose detail has expired keep their aggregates: rebuilding them from
     -- no detail would zero them.
-    v_day := (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h);
+    v_day := usage_agg._detail_from(p_from, p_to);
     IF p_from < v_day THEN
         RAISE NOTICE 'usage_agg.rebuild_daily_logs: days before % have no detail any more and are left as they are', v_day;
         p_from := v_day;
@@ -1448,11 +1475,11 @@ CREATE FUNCTION usage_agg._folded_month_cost(p_user_id uuid, p_month date, p_thr
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT COALESCE((SELECT sum((d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric)
-                       FROM usage_agg.daily_logs d
+    SELECT COALESCE((SELECT sum(t.cost)
+                       FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
                       WHERE d.user_id = p_user_id AND d.date >= p_month AND d.date <= p_through), 0)
-         + COALESCE((SELECT (m.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
-                       FROM usage_agg.monthly_logs m
+         + COALESCE((SELECT t.cost
+                       FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
                       WHERE m.user_id = p_user_id AND m.month = p_month), 0)
 $$;
 
@@ -1528,8 +1555,9 @@ BEGIN
          WHERE f.delta > 0 AND l.daily_cost_limit IS NOT NULL
          ORDER BY f.user_id, f.day
     LOOP
-        v_after := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
-                               FROM usage_agg.daily_logs d WHERE d.user_id = r.user_id AND d.date = r.day), 0);
+        v_after := COALESCE((SELECT t.cost
+                               FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
+                              WHERE d.user_id = r.user_id AND d.date = r.day), 0);
         n := n + usage_agg._record_alerts(r.user_id, 'daily_cost', r.day, v_after - r.delta, v_after,
                                           r.daily_cost_limit, v_at);
     END LOOP;
@@ -1701,9 +1729,7 @@ AS $$
 DECLARE
     v_from date;
 BEGIN
-    PERFORM usage_agg._check_day_range(p_from, p_to);
-    -- Days whose detail the retention cleanup removed cannot be checked.
-    v_from := greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+    v_from := usage_agg._detail_from(p_from, p_to);
     IF v_from > p_to THEN
         RETURN;
     END IF;
@@ -1912,8 +1938,8 @@ BEGIN
     v_day := ($2 AT TIME ZONE usage_agg._timezone())::date;
     v_month := date_trunc('month', v_day)::date;
     SELECT * INTO v_limits FROM usage_agg._cost_limits($1);
-    v_cost := COALESCE((SELECT (d.log_data#>>'{shared_service_usage,estimated_cost}')::numeric
-                          FROM usage_agg.daily_logs d
+    v_cost := COALESCE((SELECT t.cost
+                          FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
                          WHERE d.user_id = $1 AND d.date = v_day), 0)
             + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
                          WHERE p.user_id = $1 AND p.day = v_day), 0);
@@ -2130,7 +2156,107 @@ REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_
     usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
     usage_agg._cost_alerts(uuid[], date[], numeric[]),
     usage_agg.cleanup_old_quota_logs(interval) FROM PUBLIC;
+-- The readers of user documents through _totals.
+CREATE OR REPLACE FUNCTION usage_agg.usage_summary(user_id uuid, at timestamptz DEFAULT now())
+RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tz text;
+    v_day date;
+    v_month date;
+    v_today_known boolean;
+BEGIN
+    PERFORM usage_agg._check_reader_args($1, $2);
+    v_tz := usage_agg._timezone();
+    v_day := ($2 AT TIME ZONE v_tz)::date;
+    v_month := date_trunc('month', v_day::timestamp)::date;
+    -- A day already rolled up into its month cannot be told apart there.
+    v_today_known := v_day >= (SELECT h.daily_kept_from FROM usage_agg.retention_horizon h);
+    -- One pass over the user's rows, each window a filtered sum (this is on the
+    -- request path of applications).
+    RETURN QUERY
+    WITH rows_of_user AS (
+        SELECT d.date AS first_day, true AS is_day, t.calls, t.successful, t.failed, t.tokens, t.cost
+          FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
+         WHERE d.user_id = $1 AND d.date <= v_day
+        UNION ALL
+        SELECT m.month, false, t.calls, t.successful, t.failed, t.tokens, t.cost
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
+         WHERE m.user_id = $1 AND m.month <= v_day
+        UNION ALL
+        -- Deferred mode: calls not folded into daily_logs yet.
+        SELECT p.day, true, p.calls, p.successful, p.calls - p.successful, p.tokens, p.cost
+          FROM usage_agg.pending_deltas p
+         WHERE p.user_id = $1 AND p.day <= v_day
+    ), totals AS (
+        SELECT sum(r.calls) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_calls,
+               sum(r.successful) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_ok,
+               sum(r.failed) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_failed,
+               sum(r.tokens) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_tokens,
+               sum(r.cost) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cost,
+               sum(r.calls) FILTER (WHERE r.first_day >= v_month) AS m_calls,
+               sum(r.successful) FILTER (WHERE r.first_day >= v_month) AS m_ok,
+               sum(r.failed) FILTER (WHERE r.first_day >= v_month) AS m_failed,
+               sum(r.tokens) FILTER (WHERE r.first_day >= v_month) AS m_tokens,
+               sum(r.cost) FILTER (WHERE r.first_day >= v_month) AS m_cost,
+               sum(r.calls) AS a_calls, sum(r.successful) AS a_ok, sum(r.failed) AS a_failed,
+               sum(r.tokens) AS a_tokens, sum(r.cost) AS a_cost
+          FROM rows_of_user r
+    )
+    SELECT w.period,
+           CASE WHEN w.known THEN COALESCE(w.calls, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.ok, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.failed, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.tokens, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.cost, 0) END
+      FROM totals t
+     CROSS JOIN LATERAL (VALUES
+           (1, 'today', v_today_known, t.d_calls, t.d_ok, t.d_failed, t.d_tokens, t.d_cost),
+           (2, 'month', true, t.m_calls, t.m_ok, t.m_failed, t.m_tokens, t.m_cost),
+           (3, 'all_time', true, t.a_calls, t.a_ok, t.a_failed, t.a_tokens, t.a_cost))
+           AS w(ord, period, known, calls, ok, failed, tokens, cost)
+     ORDER BY w.ord;
+END;
+$$;
+COMMENT ON FUNCTION usage_agg.usage_summary(uuid, timestamptz) IS
+    'Calls, successful, failed, tokens and cost of a user for today, this month and all time, as of at (business time zone), from the aggregates only';
+CREATE OR REPLACE VIEW usage_agg.daily_usage AS
+SELECT d.user_id,
+       d.date,
+       t.calls,
+       t.successful AS successful_calls,
+       t.failed AS failed_calls,
+       t.tokens AS tokens_used,
+       t.cost AS estimated_cost,
+       CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'keys_used') = 'array'
+            THEN jsonb_array_length(d.log_data->'shared_service_usage'->'keys_used') ELSE 0 END AS keys_used,
+       t.last_api_call_at
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t;
+COMMENT ON VIEW usage_agg.daily_usage IS 'daily_logs as plain columns (one row per user and business day)';
+CREATE OR REPLACE VIEW usage_agg.monthly_usage AS
+SELECT u.user_id, u.month,
+       sum(u.calls)::bigint AS calls,
+       sum(u.successful_calls)::bigint AS successful_calls,
+       sum(u.failed_calls)::bigint AS failed_calls,
+       sum(u.tokens_used)::bigint AS tokens_used,
+       sum(u.estimated_cost) AS estimated_cost,
+       max(u.last_api_call_at) AS last_api_call_at
+  FROM (SELECT m.user_id, m.month, t.calls, t.successful AS successful_calls, t.failed AS failed_calls,
+               t.tokens AS tokens_used, t.cost AS estimated_cost, t.last_api_call_at
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
+        UNION ALL
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date,
+               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost, d.last_api_call_at
+          FROM usage_agg.daily_usage d) u
+ GROUP BY u.user_id, u.month;
+COMMENT ON VIEW usage_agg.monthly_usage IS
+    'Usage per user and calendar month (business time zone): monthly_logs plus the daily_logs days not rolled up yet';
+
 -- CREATE OR REPLACE VIEW resets the view's options.
+ALTER VIEW usage_agg.daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage_by_model SET (security_invoker = true);

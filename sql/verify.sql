@@ -127,6 +127,19 @@ BEGIN
 END;
 $$;
 
+-- The first day of [p_from, p_to] whose detail still exists, after checking
+-- the range: days before the retention horizon can be neither verified nor
+-- rebuilt from the detail. Later than p_to: none of the range can.
+CREATE FUNCTION usage_agg._detail_from(p_from date, p_to date) RETURNS date
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_agg._check_day_range(p_from, p_to);
+    RETURN greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+END;
+$$;
+
 -- Every (user, date, field) in [p_from, p_to] where daily_logs and a GROUP BY over
 -- key_usage_logs disagree. No rows: consistent.
 CREATE FUNCTION usage_agg.verify_daily_logs(p_from date, p_to date)
@@ -137,9 +150,7 @@ AS $$
 DECLARE
     v_from date;
 BEGIN
-    PERFORM usage_agg._check_day_range(p_from, p_to);
-    -- Days whose detail the retention cleanup removed cannot be checked.
-    v_from := greatest(p_from, (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h));
+    v_from := usage_agg._detail_from(p_from, p_to);
     IF v_from > p_to THEN
         RETURN;
     END IF;
@@ -201,10 +212,9 @@ DECLARE
     v_first date;
     v_last date;
 BEGIN
-    PERFORM usage_agg._check_day_range(p_from, p_to);
     -- Days whose detail has expired keep their aggregates: rebuilding them from
     -- no detail would zero them.
-    v_day := (SELECT h.detail_kept_from FROM usage_agg.retention_horizon h);
+    v_day := usage_agg._detail_from(p_from, p_to);
     IF p_from < v_day THEN
         RAISE NOTICE 'usage_agg.rebuild_daily_logs: days before % have no detail any more and are left as they are', v_day;
         p_from := v_day;

@@ -43,14 +43,35 @@ fn install_script() -> String {
 }
 
 /// Splits SQL into statements at top-level semicolons (outside quotes,
-/// dollar quotes and comments). Each statement keeps its text, without the
-/// semicolon.
+/// dollar quotes, comments and `BEGIN ATOMIC ... END` bodies, whose own
+/// statements end in semicolons; a CASE inside such a body has its own END).
+/// Each statement keeps its text, without the semicolon.
 fn statements(sql: &str) -> Vec<String> {
     let b = sql.as_bytes();
     let mut out = Vec::new();
     let mut start = 0;
     let mut i = 0;
+    // Open BEGIN ATOMIC and CASE blocks of the statement (0: outside a body).
+    let mut atomic_depth = 0usize;
+    let mut previous_word = String::new();
+    let is_word_byte = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
     while i < b.len() {
+        if b[i].is_ascii_alphabetic() && (i == 0 || !is_word_byte(b[i - 1])) {
+            let mut j = i;
+            while j < b.len() && is_word_byte(b[j]) {
+                j += 1;
+            }
+            let word = sql[i..j].to_ascii_uppercase();
+            match word.as_str() {
+                "ATOMIC" if previous_word == "BEGIN" => atomic_depth += 1,
+                "CASE" if atomic_depth > 0 => atomic_depth += 1,
+                "END" if atomic_depth > 0 => atomic_depth -= 1,
+                _ => {}
+            }
+            previous_word = word;
+            i = j;
+            continue;
+        }
         match b[i] {
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 while i < b.len() && b[i] != b'\n' {
@@ -92,7 +113,7 @@ fn statements(sql: &str) -> Vec<String> {
                     }
                 }
             }
-            b';' => {
+            b';' if atomic_depth == 0 => {
                 out.push(sql[start..i].to_string());
                 start = i + 1;
             }
@@ -343,6 +364,25 @@ fn the_splitter_keeps_quoted_semicolons() {
             "SELECT ';'".to_string(),
             "CREATE FUNCTION f() RETURNS int AS $$ SELECT 1; $$ LANGUAGE sql".to_string(),
             "SELECT \"a;b\" /* ; */ FROM t".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn the_splitter_keeps_atomic_bodies_whole() {
+    let sql = "CREATE FUNCTION f(x int) RETURNS TABLE (y int) LANGUAGE sql BEGIN ATOMIC\n\
+               SELECT CASE WHEN x > 0 THEN x END; SELECT 2;\nEND; SELECT 'end';";
+    let parts: Vec<String> = statements(sql)
+        .iter()
+        .map(|s| body(s).trim().to_string())
+        .collect();
+    assert_eq!(
+        parts,
+        vec![
+            "CREATE FUNCTION f(x int) RETURNS TABLE (y int) LANGUAGE sql BEGIN ATOMIC\n\
+             SELECT CASE WHEN x > 0 THEN x END; SELECT 2;\nEND"
+                .to_string(),
+            "SELECT 'end'".to_string(),
         ]
     );
 }

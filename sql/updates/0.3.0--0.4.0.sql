@@ -22,6 +22,13 @@ ALTER TABLE usage_agg.pending_deltas ADD COLUMN last_failure_at timestamptz;
 -- One row per call (all but bulk groups): exact; a bulk group: its newest call.
 UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful < calls;
 
+-- The totals and cells of a user's document read in one place each, inlined
+-- into the queries that read them (budgets.sql and keys.sql below use them).
+-- @create usage_agg._totals
+-- @replace usage_agg._cells
+-- The days of a range that still have detail, for verify and rebuild.
+-- @create usage_agg._detail_from
+
 -- @create usage_agg._rollup_add
 -- @create usage_agg._rollup_correct_last
 -- @create usage_agg._needs_detail
@@ -121,7 +128,14 @@ REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_
     usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
     usage_agg._cost_alerts(uuid[], date[], numeric[]),
     usage_agg.cleanup_old_quota_logs(interval) FROM PUBLIC;
+-- The readers of user documents through _totals.
+-- @replace usage_agg.usage_summary
+-- @replace usage_agg.daily_usage
+-- @replace usage_agg.monthly_usage
+
 -- CREATE OR REPLACE VIEW resets the view's options.
+ALTER VIEW usage_agg.daily_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage_by_model SET (security_invoker = true);
