@@ -91,6 +91,32 @@ AS $$
                       WHERE m.user_id = p_user_id AND m.month = p_month), 0)
 $$;
 
+-- Serialises the writers of each user's business month while cost limits are
+-- in use (the folds call it before they write the day rows): a session adding
+-- cost to one day of a month sees the other days only as committed, so two
+-- sessions adding to different days at once would each miss the other's part
+-- and neither would record a budget threshold that their sum crosses. Taken in
+-- one order and before the day rows, it adds no deadlock; writers of one day
+-- wait for each other on its row anyway. Read committed sees, after the wait,
+-- what the other writer committed (repeatable read would not).
+CREATE FUNCTION usage_agg._lock_cost_months(p_users uuid[], p_days date[]) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_key integer;
+BEGIN
+    FOR v_key IN
+        SELECT DISTINCT hashtext(u.user_id::text || ' ' || date_trunc('month', u.day::timestamp)::date::text)
+          FROM unnest(p_users, p_days) AS u(user_id, day)
+         ORDER BY 1
+    LOOP
+        -- The two-key space (apart from single bigint keys), first key 'uagg'.
+        PERFORM pg_advisory_xact_lock(1969317735, v_key);
+    END LOOP;
+END;
+$$;
+
 -- Records and announces the thresholds (config.alert_thresholds, in percent of
 -- `limit`) that a step from `before` to `after` crossed; returns how many.
 CREATE FUNCTION usage_agg._record_alerts(p_user_id uuid, p_kind text, p_period date, p_before numeric,

@@ -36,7 +36,8 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg._key_days_from_users(date),
     usage_agg._record_alerts(uuid, text, date, numeric, numeric, numeric, timestamptz),
     usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
-    usage_agg._cost_alerts(uuid[], date[], numeric[])
+    usage_agg._cost_alerts(uuid[], date[], numeric[]),
+    usage_agg._lock_cost_months(uuid[], date[])
 FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE
     usage_agg.expire_key_usage_logs(interval, bigint),

@@ -412,6 +412,7 @@ pub fn write_groups(
     tolerant: bool,
 ) -> Written {
     let added_costs = added_costs(&groups);
+    lock_cost_months(client, &added_costs);
     // Who joined or left a key's day matters to the per-key aggregates only.
     if !crate::settings::per_key_aggregates() {
         let skipped = write_day_rows(client, groups, timezone, tolerant);
@@ -463,6 +464,34 @@ kept_statement! {
         args: [UUIDARRAYOID, INT4ARRAYOID, TEXTARRAYOID],
         mutating: true,
     }
+}
+
+kept_statement! {
+    /// Serialises the writers of the users' business months (before the day
+    /// rows are locked; see `_lock_cost_months`).
+    LOCK_COST_MONTHS {
+        what: "locking the months a write adds cost to",
+        sql: Sql::Text("
+            SELECT usage_agg._lock_cost_months(
+                       $1,
+                       ARRAY(SELECT DATE '2000-01-01' OPERATOR(pg_catalog.+) x.day
+                               FROM pg_catalog.unnest($2) WITH ORDINALITY AS x(day, ord) ORDER BY x.ord))"),
+        args: [UUIDARRAYOID, INT4ARRAYOID],
+        mutating: true,
+    }
+}
+
+/// Waits for the other writers of the months `added` adds cost to, so that
+/// the month total `_cost_alerts` reads afterwards includes theirs (two
+/// sessions adding to different days of one month would otherwise each miss
+/// the other's uncommitted days and neither see a budget crossed).
+fn lock_cost_months(client: &mut SpiClient<'_>, added: &[(Key, String)]) {
+    if added.is_empty() {
+        return;
+    }
+    let users: Vec<Uuid> = added.iter().map(|((u, _), _)| *u).collect();
+    let days: Vec<i32> = added.iter().map(|((_, d), _)| *d).collect();
+    LOCK_COST_MONTHS.run(client, &[users.into(), days.into()]);
 }
 
 /// The (user, day)s to which a write adds cost, with the amount as exact

@@ -508,3 +508,43 @@ fn sixteen_sessions_adding_cost_to_one_day_alert_once_per_threshold() {
         "free 12.00 10 0 false 12.00 40 28.00"
     );
 }
+
+#[test]
+fn two_sessions_adding_cost_to_different_days_of_a_month_see_its_budget_crossed() {
+    // Each session's day is below 80% of the month; together they are above.
+    // The second session's fold runs while the first has not committed: it
+    // waits for it (the month's writers are serialised), then sees its day.
+    let db = TestDb::new("cost_alerts_two_days");
+    let mut listener = listen(&db);
+    let mut c = db.connect();
+    c.batch_execute(
+        "UPDATE usage_agg.quota_plans SET monthly_cost_budget = 10 WHERE membership_level = 'free'",
+    )
+    .unwrap();
+    let user = "b0000000-0000-0000-0000-0000000000d2";
+    let insert = "INSERT INTO usage_agg.key_usage_logs (user_id, model_used, tokens_used, cost_estimate, created_at)
+                  VALUES ($1::text::uuid, 'm', 1, 5, $2::text::timestamptz)";
+    let (inserted, wait_for_first) = std::sync::mpsc::channel();
+    let mut first_client = db.connect();
+    let first = thread::spawn(move || {
+        let mut tx = first_client.transaction().unwrap();
+        tx.execute(insert, &[&user, &"2026-07-01 12:00+00"]).unwrap();
+        inserted.send(()).unwrap();
+        // Long enough for the second session's fold to finish before this
+        // commits, were it not made to wait.
+        thread::sleep(Duration::from_millis(800));
+        tx.commit().unwrap();
+    });
+    wait_for_first.recv().unwrap();
+    let mut second = db.connect();
+    second
+        .execute(insert, &[&user, &"2026-07-02 12:00+00"])
+        .unwrap();
+    first.join().unwrap();
+    let expected = vec![
+        "monthly_budget 80 2026-07-01 10 10".to_string(),
+        "monthly_budget 100 2026-07-01 10 10".to_string(),
+    ];
+    assert_eq!(alerts(&mut c), expected);
+    assert_eq!(received(&mut listener), expected);
+}

@@ -126,7 +126,7 @@ REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_
     usage_agg.schedule_apply(text), usage_agg.unschedule_apply(),
     usage_agg._record_alerts(uuid, text, date, numeric, numeric, numeric, timestamptz),
     usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
-    usage_agg._cost_alerts(uuid[], date[], numeric[]),
+    usage_agg._cost_alerts(uuid[], date[], numeric[]), usage_agg._lock_cost_months(uuid[], date[]),
     usage_agg.cleanup_old_quota_logs(interval) FROM PUBLIC;
 -- The readers of user documents through _totals.
 -- @replace usage_agg.usage_summary
