@@ -13,6 +13,11 @@
 #   plpgsql    a hand-written row-level PL/pgSQL trigger (plpgsql_trigger.sql)
 #   empty      bare plus a statement trigger with a transition table that does
 #              nothing: the floor of any trigger-based fold
+#   budgets    default with a daily cost limit and a monthly budget on every
+#              user's plan (never reached): what the cost alert checks and the
+#              per-month turn-taking cost the applier
+#   immediate_budgets  immediate with the same limits: what they cost the
+#              inserting statement
 #
 # Per run: tps, p50/p99 latency, errors, WAL bytes per call (pg_current_wal_lsn
 # before the run and after the applier has drained, so the applier's own WAL
@@ -35,7 +40,9 @@ CONFIGS="${BENCH_CONFIGS:-tuned stock}"
 WORKLOADS="${BENCH_WORKLOADS:-single hot_user hot_key bulk intervals}"
 INTERVALS="${BENCH_INTERVALS:-0.1 0.5 1 5}"
 OUT="${BENCH_OUT:-$BENCH/results/fold-latest.md}"
-CONTENDERS=(${BENCH_CONTENDERS:-bare default nokeys immediate plpgsql empty})
+CONTENDERS=(${BENCH_CONTENDERS:-bare default nokeys immediate plpgsql empty budgets immediate_budgets})
+# The columns of the main table (the budget contenders have a table of their own).
+MAIN_CONTENDERS=(bare default nokeys immediate plpgsql empty)
 TMP="$(mktemp -d)"
 chmod 755 "$TMP"
 RAW="$TMP/raw"
@@ -52,19 +59,26 @@ start_cluster() {  # start_cluster CONFIG
     # 5min), with only port, listen address, socket directory and preload set.
     [ "$1" = tuned ] && conf+=("shared_buffers = '1GB'" "max_wal_size = '4GB'" "checkpoint_timeout = '30min'")
     ua_cluster_start bench "$PORT" "${conf[@]}"
+    [ "${CONTENDERS[0]}" = bare ] || { echo "bench/fold.sh: the first contender must be bare" >&2; exit 2; }
     for c in "${CONTENDERS[@]}"; do
         ua_psql "$PORT" postgres -c "CREATE DATABASE bench_$c" >/dev/null
         sql "$c" "CREATE EXTENSION usage_agg" >/dev/null
     done
+    # (bare is always there: the WAL positions are read in its database.)
     ua_psql "$PORT" bench_bare -f "$BENCH/bare.sql" >/dev/null
-    ua_psql "$PORT" bench_plpgsql -f "$BENCH/plpgsql_trigger.sql" >/dev/null
-    ua_psql "$PORT" bench_empty -f "$BENCH/bare.sql" -f "$BENCH/empty_trigger.sql" >/dev/null
-    sql immediate "UPDATE usage_agg.config SET fold_mode = 'immediate'" >/dev/null
+    has_contender plpgsql && ua_psql "$PORT" bench_plpgsql -f "$BENCH/plpgsql_trigger.sql" >/dev/null
+    has_contender empty && ua_psql "$PORT" bench_empty -f "$BENCH/bare.sql" -f "$BENCH/empty_trigger.sql" >/dev/null
+    has_contender immediate && sql immediate "UPDATE usage_agg.config SET fold_mode = 'immediate'" >/dev/null
+    for c in budgets immediate_budgets; do
+        has_contender "$c" || continue
+        sql "$c" "UPDATE usage_agg.quota_plans SET daily_cost_limit = 1000000000, monthly_cost_budget = 1000000000" >/dev/null
+    done
+    has_contender immediate_budgets && sql immediate_budgets "UPDATE usage_agg.config SET fold_mode = 'immediate'" >/dev/null
     if has_contender nokeys; then
         ua_psql "$PORT" postgres -c "ALTER DATABASE bench_nokeys SET usage_agg.per_key_aggregates = off" >/dev/null
     fi
     # The asynchronous contenders must really run so, with their appliers.
-    for c in default nokeys; do
+    for c in default nokeys budgets; do
         has_contender "$c" || continue
         for _ in $(seq 1 100); do
             [ "$(sql "$c" "SELECT effective_mode FROM usage_agg.fold_status")" = async ] && break
@@ -75,13 +89,17 @@ start_cluster() {  # start_cluster CONFIG
     done
 }
 has_contender() { [[ " ${CONTENDERS[*]} " == *" $1 "* ]]; }
-is_async() { [ "$1" = default ] || [ "$1" = nokeys ]; }
+is_async() { [ "$1" = default ] || [ "$1" = nokeys ] || [ "$1" = budgets ]; }
 trap 'ua_cluster_stop bench; rm -rf "$TMP"' EXIT
 
 reset_tables() {
     sql "$1" "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs, usage_agg.pending_deltas,
                        usage_agg.key_daily_logs, usage_agg.service_daily_logs, usage_agg.pending_key_deltas" >/dev/null
-    ua_psql "$PORT" "bench_$1" -c "VACUUM ANALYZE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.pending_deltas, usage_agg.key_daily_logs, usage_agg.service_daily_logs" -c "CHECKPOINT" >/dev/null
+    # No VACUUM ANALYZE after the TRUNCATE: it would record the tables as empty
+    # (0 rows), and plans made early in the next run would scan them
+    # sequentially until autoanalyze runs, while they grow by thousands of rows.
+    # A truncated table counts as never analyzed, as after CREATE EXTENSION.
+    ua_psql "$PORT" "bench_$1" -c "CHECKPOINT" >/dev/null
 }
 
 # Waits until an asynchronous contender's applier has folded everything
@@ -93,7 +111,7 @@ drain() {
 }
 
 check_fold() {  # the aggregates equal the detail (verify_daily_logs is empty)
-    case "$1" in default | immediate) ;; *) return 0 ;; esac
+    case "$1" in default | immediate | budgets | immediate_budgets) ;; *) return 0 ;; esac
     local bad; bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
     [ "$bad" = 0 ] || { echo "verify_daily_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
     bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_key_daily_logs(current_date - 3, current_date + 1)")
@@ -241,10 +259,10 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
             b=$(get "$cfg" "$w" bare); d=$(get "$cfg" "$w" default); k=$(get "$cfg" "$w" nokeys); i=$(get "$cfg" "$w" immediate); p=$(get "$cfg" "$w" plpgsql); e=$(get "$cfg" "$w" empty)
             echo "| $name: tps | $(fmt "$b") | $(fmt "$d") | $(fmt "$k") | $(fmt "$i") | $(fmt "$p") | $(fmt "$e") | $(ratio "$d" "$b") | $(ratio "$d" "$p") | $(ratio "$d" "$k") |"
             echo -n "| $name: p50 / p99 ms |"
-            for c in "${CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$w" "$c" 5)" 2) / $(fmt "$(get "$cfg" "$w" "$c" 6)" 2) |"; done
+            for c in "${MAIN_CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$w" "$c" 5)" 2) / $(fmt "$(get "$cfg" "$w" "$c" 6)" 2) |"; done
             echo " | | |"
             echo -n "| $name: WAL bytes per call |"
-            for c in "${CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$w" "$c" 8)") |"; done
+            for c in "${MAIN_CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$w" "$c" 8)") |"; done
             echo " | | |"
         done
         if has bulk; then
@@ -253,13 +271,25 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
                 b=$(get "$cfg" "$k" bare); d=$(get "$cfg" "$k" default); o=$(get "$cfg" "$k" nokeys); i=$(get "$cfg" "$k" immediate); p=$(get "$cfg" "$k" plpgsql); e=$(get "$cfg" "$k" empty)
                 echo "| $name: ms (lower is better) | $(fmt "$b") | $(fmt "$d") | $(fmt "$o") | $(fmt "$i") | $(fmt "$p") | $(fmt "$e") | $(ratio "$d" "$b") | $(ratio "$d" "$p") | $(ratio "$d" "$o") |"
                 echo -n "| $name: WAL bytes per call |"
-                for c in "${CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$k" "$c" 8)") |"; done
+                for c in "${MAIN_CONTENDERS[@]}"; do echo -n " $(fmt "$(get "$cfg" "$k" "$c" 8)") |"; done
                 echo " | | |"
             done
         fi
         echo
         errors_of() { awk -v g="$cfg" -v c="$1" '$1 == g && $3 == c && $7 != "-" {s += $7} END {print s + 0}' "$RAW"; }
-        echo "Errors (failed or aborted transactions) in all runs: bare $(errors_of bare), default $(errors_of default), per-key off $(errors_of nokeys), immediate $(errors_of immediate), PL/pgSQL $(errors_of plpgsql), empty $(errors_of empty); deadlocks reported by the server: $(awk -v g="$cfg" '$1 == g && $2 == "deadlocks" {print $7}' "$RAW")."
+        echo "Errors (failed or aborted transactions) in all runs: bare $(errors_of bare), default $(errors_of default), per-key off $(errors_of nokeys), immediate $(errors_of immediate), PL/pgSQL $(errors_of plpgsql), empty $(errors_of empty), with cost limits $(errors_of budgets) and $(errors_of immediate_budgets) (immediate); deadlocks reported by the server: $(awk -v g="$cfg" '$1 == g && $2 == "deadlocks" {print $7}' "$RAW")."
+        if has_contender budgets || has_contender immediate_budgets; then
+            echo
+            echo "Cost limits in use (a daily limit and a monthly budget on every plan, never reached): the alert checks and the per-month turn-taking, in the applier (default) and in the inserting statement (immediate):"
+            echo
+            echo "| workload | default tps | with limits | ratio | WAL bytes/call | with limits | drained after ms | with limits | immediate tps | with limits | ratio | WAL bytes/call | with limits |"
+            echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            for r in "${rows[@]}"; do
+                w="${r%%|*}"; name="${r#*|}"
+                d=$(get "$cfg" "$w" default); db=$(get "$cfg" "$w" budgets); i=$(get "$cfg" "$w" immediate); ib=$(get "$cfg" "$w" immediate_budgets)
+                echo "| $name | $(fmt "$d") | $(fmt "$db") | $(ratio "$db" "$d") | $(fmt "$(get "$cfg" "$w" default 8)") | $(fmt "$(get "$cfg" "$w" budgets 8)") | $(fmt "$(get "$cfg" "$w" default 12)") | $(fmt "$(get "$cfg" "$w" budgets 12)") | $(fmt "$i") | $(fmt "$ib") | $(ratio "$ib" "$i") | $(fmt "$(get "$cfg" "$w" immediate 8)") | $(fmt "$(get "$cfg" "$w" immediate_budgets 8)") |"
+            done
+        fi
         echo
         echo "Freshness of the default mode (age of the oldest pending call, sampled every 100 ms during the run; time to fold the backlog after the load stopped):"
         echo

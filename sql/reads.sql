@@ -108,7 +108,7 @@ BEGIN
                          WHERE d.user_id = $1 AND d.date = v_day), 0)
             + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
                          WHERE p.user_id = $1 AND p.day = v_day), 0);
-    v_month_cost := usage_agg._folded_month_cost($1, v_month, v_day)
+    v_month_cost := (SELECT c.cost FROM usage_agg._folded_month_cost($1, v_month, v_day) c)
             + COALESCE((SELECT sum(p.cost) FROM usage_agg.pending_deltas p
                          WHERE p.user_id = $1 AND p.day >= v_month AND p.day <= v_day), 0);
     RETURN QUERY SELECT v_limits.membership_level, v_cost, v_limits.daily_cost_limit,
