@@ -12,17 +12,10 @@ use std::io::Write;
 use std::thread;
 
 use common::*;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 fn admin() -> Client {
-    Client::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres",
-            applier_port()
-        ),
-        NoTls,
-    )
-    .expect("connect to the applier cluster")
+    admin_client(&applier_port())
 }
 
 fn applier_pid(c: &mut Client) -> Option<i32> {
