@@ -528,7 +528,8 @@ fn two_sessions_adding_cost_to_different_days_of_a_month_see_its_budget_crossed(
     let mut first_client = db.connect();
     let first = thread::spawn(move || {
         let mut tx = first_client.transaction().unwrap();
-        tx.execute(insert, &[&user, &"2026-07-01 12:00+00"]).unwrap();
+        tx.execute(insert, &[&user, &"2026-07-01 12:00+00"])
+            .unwrap();
         inserted.send(()).unwrap();
         // Long enough for the second session's fold to finish before this
         // commits, were it not made to wait.
