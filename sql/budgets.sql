@@ -53,7 +53,6 @@ CREATE TRIGGER user_limits_changed
 -- Whether any plan or user has a daily cost limit or a monthly budget.
 CREATE FUNCTION usage_agg._cost_limits_in_use() RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 RETURN EXISTS (SELECT FROM usage_agg.quota_plans p
                 WHERE p.daily_cost_limit IS NOT NULL OR p.monthly_cost_budget IS NOT NULL)
     OR EXISTS (SELECT FROM usage_agg.user_limits l

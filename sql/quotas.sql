@@ -189,10 +189,10 @@ END;
 $$;
 
 -- What is left of the month's quota; never negative (a plan can be lowered
--- below what was used).
+-- below what was used). A SQL-standard body: bound at creation, so it needs no
+-- search_path, and inlined into its callers.
 CREATE FUNCTION usage_agg._remaining(q usage_agg.quotas) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 RETURN greatest(q.monthly_quota - q.monthly_used, 0);
 
 CREATE FUNCTION usage_agg._state(q usage_agg.quotas, allowed boolean, replayed boolean)

@@ -442,7 +442,6 @@ COMMENT ON FUNCTION usage_agg.cleanup_old_quota_logs(interval) IS
 -- and maintenance_health read this list.
 CREATE FUNCTION usage_agg._maintenance_steps() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 RETURN ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
              'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
              'cleanup_old_quota_logs'];

@@ -1105,7 +1105,6 @@ COMMENT ON FUNCTION usage_agg.grant_read_role(name) IS
     'Lets a role read usage_agg tables and views and call the read functions and quota_status';
 CREATE FUNCTION usage_agg._maintenance_steps() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 RETURN ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
              'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
              'cleanup_old_quota_logs'];
@@ -1445,7 +1444,6 @@ CREATE TRIGGER user_limits_changed
 -- Whether any plan or user has a daily cost limit or a monthly budget.
 CREATE FUNCTION usage_agg._cost_limits_in_use() RETURNS boolean
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 RETURN EXISTS (SELECT FROM usage_agg.quota_plans p
                 WHERE p.daily_cost_limit IS NOT NULL OR p.monthly_cost_budget IS NOT NULL)
     OR EXISTS (SELECT FROM usage_agg.user_limits l
@@ -1660,7 +1658,6 @@ END;
 $$;
 CREATE FUNCTION usage_agg._remaining(q usage_agg.quotas) RETURNS integer
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
 RETURN greatest(q.monthly_quota - q.monthly_used, 0);
 CREATE OR REPLACE FUNCTION usage_agg._state(q usage_agg.quotas, allowed boolean, replayed boolean)
 RETURNS usage_agg.quota_state
