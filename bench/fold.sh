@@ -9,6 +9,8 @@
 #   default    usage_agg as installed: fold_mode auto, the applier running
 #   nokeys     the same build and mode with usage_agg.per_key_aggregates = off:
 #              what the per-key and service aggregates cost (0.4.0)
+#   nohours    the same build and mode with usage_agg.hourly_aggregates = off:
+#              what the hourly tier costs (0.4.0)
 #   immediate  usage_agg, fold_mode = 'immediate'
 #   plpgsql    a hand-written row-level PL/pgSQL trigger (plpgsql_trigger.sql)
 #   empty      bare plus a statement trigger with a transition table that does
@@ -40,7 +42,7 @@ CONFIGS="${BENCH_CONFIGS:-tuned stock}"
 WORKLOADS="${BENCH_WORKLOADS:-single hot_user hot_key bulk intervals}"
 INTERVALS="${BENCH_INTERVALS:-0.1 0.5 1 5}"
 OUT="${BENCH_OUT:-$BENCH/results/fold-latest.md}"
-CONTENDERS=(${BENCH_CONTENDERS:-bare default nokeys immediate plpgsql empty budgets immediate_budgets})
+CONTENDERS=(${BENCH_CONTENDERS:-bare default nokeys nohours immediate plpgsql empty budgets immediate_budgets})
 # The columns of the main table (the budget contenders have a table of their own).
 MAIN_CONTENDERS=(bare default nokeys immediate plpgsql empty)
 TMP="$(mktemp -d)"
@@ -77,8 +79,11 @@ start_cluster() {  # start_cluster CONFIG
     if has_contender nokeys; then
         ua_psql "$PORT" postgres -c "ALTER DATABASE bench_nokeys SET usage_agg.per_key_aggregates = off" >/dev/null
     fi
+    if has_contender nohours; then
+        ua_psql "$PORT" postgres -c "ALTER DATABASE bench_nohours SET usage_agg.hourly_aggregates = off" >/dev/null
+    fi
     # The asynchronous contenders must really run so, with their appliers.
-    for c in default nokeys budgets; do
+    for c in default nokeys nohours budgets; do
         has_contender "$c" || continue
         for _ in $(seq 1 100); do
             [ "$(sql "$c" "SELECT effective_mode FROM usage_agg.fold_status")" = async ] && break
@@ -89,12 +94,13 @@ start_cluster() {  # start_cluster CONFIG
     done
 }
 has_contender() { [[ " ${CONTENDERS[*]} " == *" $1 "* ]]; }
-is_async() { [ "$1" = default ] || [ "$1" = nokeys ] || [ "$1" = budgets ]; }
+is_async() { [ "$1" = default ] || [ "$1" = nokeys ] || [ "$1" = nohours ] || [ "$1" = budgets ]; }
 trap 'ua_cluster_stop bench; rm -rf "$TMP"' EXIT
 
 reset_tables() {
     sql "$1" "TRUNCATE usage_agg.key_usage_logs, usage_agg.daily_logs, usage_agg.monthly_logs, usage_agg.pending_deltas,
-                       usage_agg.key_daily_logs, usage_agg.service_daily_logs, usage_agg.pending_key_deltas" >/dev/null
+                       usage_agg.key_daily_logs, usage_agg.service_daily_logs, usage_agg.pending_key_deltas,
+                       usage_agg.hourly_logs, usage_agg.key_hourly_logs, usage_agg.pending_key_hour_deltas" >/dev/null
     # No VACUUM ANALYZE after the TRUNCATE: it would record the tables as empty
     # (0 rows), and plans made early in the next run would scan them
     # sequentially until autoanalyze runs, while they grow by thousands of rows.
@@ -106,7 +112,8 @@ reset_tables() {
 # (the per-key deltas too); prints ms.
 drain() {
     local t0; t0=$(date +%s%N)
-    while [ "$(sql "${1:-default}" "SELECT (SELECT count(*) FROM usage_agg.pending_deltas) + (SELECT count(*) FROM usage_agg.pending_key_deltas)")" != 0 ]; do sleep 0.05; done
+    while [ "$(sql "${1:-default}" "SELECT (SELECT count(*) FROM usage_agg.pending_deltas) + (SELECT count(*) FROM usage_agg.pending_key_deltas)
+                                           + (SELECT count(*) FROM usage_agg.pending_key_hour_deltas)")" != 0 ]; do sleep 0.05; done
     echo $(( ($(date +%s%N) - t0) / 1000000 ))
 }
 
@@ -116,6 +123,8 @@ check_fold() {  # the aggregates equal the detail (verify_daily_logs is empty)
     [ "$bad" = 0 ] || { echo "verify_daily_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
     bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_key_daily_logs(current_date - 3, current_date + 1)")
     [ "$bad" = 0 ] || { echo "verify_key_daily_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
+    bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_hourly_logs(current_date - 3, current_date + 1)")
+    [ "$bad" = 0 ] || { echo "verify_hourly_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
     [ "$1" = default ] || return 0
     bad=$(sql default "SELECT count(*) FROM usage_agg.fold_skipped")
     [ "$bad" = 0 ] || { echo "the applier skipped $bad days in bench_default" >&2; exit 1; }
@@ -278,6 +287,22 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
         echo
         errors_of() { awk -v g="$cfg" -v c="$1" '$1 == g && $3 == c && $7 != "-" {s += $7} END {print s + 0}' "$RAW"; }
         echo "Errors (failed or aborted transactions) in all runs: bare $(errors_of bare), default $(errors_of default), per-key off $(errors_of nokeys), immediate $(errors_of immediate), PL/pgSQL $(errors_of plpgsql), empty $(errors_of empty), with cost limits $(errors_of budgets) and $(errors_of immediate_budgets) (immediate); deadlocks reported by the server: $(awk -v g="$cfg" '$1 == g && $2 == "deadlocks" {print $7}' "$RAW")."
+        if has_contender nohours; then
+            echo
+            echo "The hourly tier (default mode, the applier running): the same build with usage_agg.hourly_aggregates = off, side by side:"
+            echo
+            echo "| workload | default tps | hourly tier off | default / off | WAL bytes/call | off | drained after ms | off | lag p99 ms | off |"
+            echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            hourly_rows=("${rows[@]}")
+            has bulk && hourly_rows+=("bulk_insert|1,000,000-row INSERT ... SELECT (ms)" "bulk_copy|1,000,000-row COPY (ms)")
+            for r in "${hourly_rows[@]}"; do
+                w="${r%%|*}"; name="${r#*|}"
+                d=$(get "$cfg" "$w" default); h=$(get "$cfg" "$w" nohours)
+                echo "| $name | $(fmt "$d") | $(fmt "$h") | $(ratio "$d" "$h") | $(fmt "$(get "$cfg" "$w" default 8)") | $(fmt "$(get "$cfg" "$w" nohours 8)") | $(fmt "$(get "$cfg" "$w" default 12)") | $(fmt "$(get "$cfg" "$w" nohours 12)") | $(fmt "$(get "$cfg" "$w" default 10)") | $(fmt "$(get "$cfg" "$w" nohours 10)") |"
+            done
+            echo
+            echo "(For the bulk rows the first columns are milliseconds: lower is better, so there default / off above 1 is a cost.)"
+        fi
         if has_contender budgets || has_contender immediate_budgets; then
             echo
             echo "Cost limits in use (a daily limit and a monthly budget on every plan, never reached): the alert checks and the per-month turn-taking, in the applier (default) and in the inserting statement (immediate):"

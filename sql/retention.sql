@@ -443,8 +443,8 @@ COMMENT ON FUNCTION usage_agg.cleanup_old_quota_logs(interval) IS
 CREATE FUNCTION usage_agg._maintenance_steps() RETURNS text[]
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN ARRAY['post_restore', 'apply_pending_deltas', 'verify_recent_days',
-             'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'reset_expired_quotas',
-             'cleanup_old_quota_logs'];
+             'cleanup_old_key_usage_logs', 'cleanup_old_daily_logs', 'cleanup_old_hourly_logs',
+             'reset_expired_quotas', 'cleanup_old_quota_logs'];
 
 -- One maintenance step, in a subtransaction: a failing step is rolled back,
 -- logged with its SQLSTATE and message, and raises a WARNING; the caller goes
@@ -473,6 +473,7 @@ BEGIN
                 SELECT v.drifted, v.problem INTO v_rows, v_problem FROM usage_agg._verify_recent_days() v;
             WHEN 'cleanup_old_key_usage_logs' THEN v_rows := usage_agg.cleanup_old_key_usage_logs();
             WHEN 'cleanup_old_daily_logs' THEN v_rows := usage_agg.cleanup_old_daily_logs();
+            WHEN 'cleanup_old_hourly_logs' THEN v_rows := usage_agg.cleanup_old_hourly_logs();
             WHEN 'reset_expired_quotas' THEN v_rows := usage_agg.reset_expired_quotas();
             WHEN 'cleanup_old_quota_logs' THEN v_rows := usage_agg.cleanup_old_quota_logs();
         END CASE;
@@ -516,7 +517,7 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION usage_agg.run_maintenance() IS
-    'Runs post_restore (after a restore), apply_pending_deltas, verify_recent_days (drift, repaired with config.repair_drift), cleanup_old_key_usage_logs, cleanup_old_daily_logs, reset_expired_quotas and cleanup_old_quota_logs in one transaction, each logged in usage_agg.maintenance_runs; a failing step does not stop the others. CALL usage_agg.maintain() does the same committing as it goes.';
+    'Runs post_restore (after a restore), apply_pending_deltas, verify_recent_days (drift, repaired with config.repair_drift), cleanup_old_key_usage_logs, cleanup_old_daily_logs, cleanup_old_hourly_logs, reset_expired_quotas and cleanup_old_quota_logs in one transaction, each logged in usage_agg.maintenance_runs; a failing step does not stop the others. CALL usage_agg.maintain() does the same committing as it goes.';
 
 -- run_maintenance() as a procedure (what the pg_cron job runs): the same steps
 -- and log, each committed, the two cleanups committing after every batch. A
@@ -599,7 +600,8 @@ SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.
           FROM usage_agg.config c
          CROSS JOIN usage_agg._applier_state() a
          CROSS JOIN (SELECT least((SELECT min(q.appended_at) FROM usage_agg.pending_deltas q),
-                             (SELECT min(q.appended_at) FROM usage_agg.pending_key_deltas q)) AS oldest) p
+                             (SELECT min(q.appended_at) FROM usage_agg.pending_key_deltas q),
+                             (SELECT min(q.appended_at) FROM usage_agg.pending_key_hour_deltas q)) AS oldest) p
          CROSS JOIN (SELECT count(*) AS days FROM usage_agg.fold_skipped) sk) h
  ORDER BY h.ord;
 COMMENT ON VIEW usage_agg.maintenance_health IS

@@ -32,7 +32,9 @@ CREATE TABLE usage_agg.config (
     -- A refund and a replayed request_id need the rows of the current quota
     -- month, and an alert's row stops a second alert in its period.
     CONSTRAINT config_quota_log_retention_covers_a_month CHECK (quota_log_retention >= interval '31 days'),
-    CONSTRAINT config_alert_retention_covers_a_month CHECK (alert_retention >= interval '31 days')
+    CONSTRAINT config_alert_retention_covers_a_month CHECK (alert_retention >= interval '31 days'),
+    hourly_retention   interval,
+    CONSTRAINT config_hourly_retention_positive CHECK (hourly_retention > interval '0')
 );
 -- At most one row: an index on a constant.
 CREATE UNIQUE INDEX config_single_row ON usage_agg.config ((true));
@@ -55,6 +57,8 @@ COMMENT ON COLUMN usage_agg.config.quota_log_retention IS
     'run_maintenance() deletes quota_usage_logs rows older than this (the totals stay in quotas; a request_id older than this is no longer recognised)';
 COMMENT ON COLUMN usage_agg.config.alert_retention IS
     'run_maintenance() deletes usage_agg.alerts rows older than this';
+COMMENT ON COLUMN usage_agg.config.hourly_retention IS
+    'run_maintenance() deletes hourly_logs and key_hourly_logs rows of hours older than this (NULL: detail_retention)';
 COMMENT ON COLUMN usage_agg.config.repair_drift IS
     'run_maintenance() rebuilds the recent days it finds drifted (the drift is reported either way)';
 
@@ -88,7 +92,8 @@ BEGIN
                repair_drift = NEW.repair_drift,
                alert_thresholds = NEW.alert_thresholds,
                quota_log_retention = NEW.quota_log_retention,
-               alert_retention = NEW.alert_retention;
+               alert_retention = NEW.alert_retention,
+               hourly_retention = NEW.hourly_retention;
         -- The restored detail is folded again on top of the restored aggregates:
         -- usage_agg.post_restore() (which run_maintenance() runs) recomputes them.
         INSERT INTO usage_agg.restores (restored_at) VALUES (now());

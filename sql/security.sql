@@ -37,7 +37,9 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg._record_alerts(uuid, text, date, numeric, numeric, numeric, timestamptz),
     usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
     usage_agg._cost_alerts(uuid[], date[], numeric[]),
-    usage_agg._lock_cost_months(uuid[], date[])
+    usage_agg._lock_cost_months(uuid[], date[]),
+    usage_agg.cleanup_old_hourly_logs(interval),
+    usage_agg._rebuild_hours(date)
 FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE
     usage_agg.expire_key_usage_logs(interval, bigint),
@@ -61,6 +63,8 @@ ALTER VIEW usage_agg.key_monthly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_health SET (security_invoker = true);
 ALTER VIEW usage_agg.service_daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.service_monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.hourly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_hourly_usage SET (security_invoker = true);
 
 CREATE FUNCTION usage_agg._check_role(role_name name) RETURNS void
 LANGUAGE plpgsql STABLE
@@ -103,7 +107,10 @@ BEGIN
                            usage_agg.key_daily_usage, usage_agg.key_daily_usage_by_model,
                            usage_agg.key_monthly_usage, usage_agg.key_health,
                            usage_agg.service_daily_usage, usage_agg.service_monthly_usage,
-                           usage_agg.user_limits, usage_agg.alerts
+                           usage_agg.user_limits, usage_agg.alerts,
+                           usage_agg.hourly_logs, usage_agg.key_hourly_logs,
+                           usage_agg.pending_key_hour_deltas,
+                           usage_agg.hourly_usage, usage_agg.key_hourly_usage
                     TO %I', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.quota_status(uuid) TO %I', role_name);
 END;

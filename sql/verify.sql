@@ -233,13 +233,17 @@ BEGIN
           WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
         (SELECT min(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
         (SELECT min(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to),
-        (SELECT min(q.date) FROM usage_agg.key_daily_logs q WHERE q.date BETWEEN p_from AND p_to));
+        (SELECT min(q.date) FROM usage_agg.key_daily_logs q WHERE q.date BETWEEN p_from AND p_to),
+        (SELECT (min(q.hour) AT TIME ZONE v_tz)::date FROM usage_agg.hourly_logs q
+          WHERE q.hour >= usage_agg._day_start(p_from, v_tz) AND q.hour < usage_agg._day_start(p_to + 1, v_tz)));
     v_last := greatest(
         (SELECT (max(k.created_at) AT TIME ZONE v_tz)::date FROM usage_agg.key_usage_logs k
           WHERE k.created_at >= usage_agg._day_start(p_from, v_tz) AND k.created_at < usage_agg._day_start(p_to + 1, v_tz)),
         (SELECT max(d.date) FROM usage_agg.daily_logs d WHERE d.date BETWEEN p_from AND p_to),
         (SELECT max(q.day) FROM usage_agg.pending_deltas q WHERE q.day BETWEEN p_from AND p_to),
-        (SELECT max(q.date) FROM usage_agg.key_daily_logs q WHERE q.date BETWEEN p_from AND p_to));
+        (SELECT max(q.date) FROM usage_agg.key_daily_logs q WHERE q.date BETWEEN p_from AND p_to),
+        (SELECT (max(q.hour) AT TIME ZONE v_tz)::date FROM usage_agg.hourly_logs q
+          WHERE q.hour >= usage_agg._day_start(p_from, v_tz) AND q.hour < usage_agg._day_start(p_to + 1, v_tz)));
     IF v_first IS NULL THEN
         RETURN 0;
     END IF;
@@ -277,6 +281,8 @@ BEGIN
         -- The day's per-key and service rows too (not counted: the result is
         -- daily_logs rows, as before 0.4.0).
         PERFORM usage_agg._rebuild_key_day(v_day);
+        -- And its user and key hours.
+        PERFORM usage_agg._rebuild_hours(v_day);
         v_written := v_written + v_n;
         IF v_days_total > 1 THEN
             RAISE NOTICE 'usage_agg.rebuild_daily_logs: % done, % rows written, % days left, % elapsed',
@@ -289,7 +295,7 @@ END;
 $$;
 
 COMMENT ON FUNCTION usage_agg.rebuild_daily_logs(date, date) IS
-    'Recomputes the usage_agg-owned fields of daily_logs, and the per-key and service rows, in a day range from key_usage_logs, keeping application keys; returns the daily_logs rows written';
+    'Recomputes the usage_agg-owned fields of daily_logs, the per-key and service rows and the user and key hours, in a day range from key_usage_logs, keeping application keys; returns the daily_logs rows written';
 
 -- After restoring a pg_dump of a database using usage_agg: restoring the detail
 -- fires the fold on top of the restored daily_logs, so every day that has

@@ -21,6 +21,7 @@ use rustc_hash::FxHashMap;
 use crate::config;
 use crate::errors;
 use crate::fold::{self, Group, Key, Skipped, PENDING_GROUP_COLUMNS};
+use crate::hours;
 use crate::keys;
 use crate::logdata;
 use crate::pending;
@@ -33,8 +34,9 @@ pub const SKIPPED_RETRY: &str = "30 seconds";
 
 kept_statement! {
     /// Takes up to $1 pending rows that no other session is applying and whose
-    /// (user, day) is not waiting for a retry, grouped like a statement's rows,
-    /// with when the oldest of each group was appended (Unix microseconds).
+    /// (user, day) is not waiting for a retry, grouped like a statement's rows
+    /// (by hour in time zone $2 too), with when the oldest of each group was
+    /// appended (Unix microseconds).
     TAKE_PENDING {
         what: "taking pending calls",
         sql: Sql::Built(|| format!(
@@ -50,9 +52,10 @@ kept_statement! {
              SELECT {PENDING_GROUP_COLUMNS},
                     (extract(epoch FROM min(p.appended_at)) * 1000000)::int8,
                     count(*)::int8
-               FROM taken p GROUP BY 1, 2, 3, 4"
+               FROM taken p GROUP BY 1, 2, 3, 4, {hour}",
+            hour = fold::hour_of_sql("p.last_at", "$2")
         )),
-        args: [INT4OID],
+        args: [INT4OID, TEXTOID],
         mutating: true,
     }
 }
@@ -124,7 +127,7 @@ pub enum Outcome {
 /// Takes and folds up to `max_rows` pending rows. Returns (calls applied,
 /// rows taken).
 pub fn apply_batch(client: &mut SpiClient<'_>, max_rows: i32, timezone: &str) -> (i64, i64) {
-    let taken = TAKE_PENDING.run(client, &[max_rows.into()]);
+    let taken = TAKE_PENDING.run(client, &[max_rows.into(), timezone.into()]);
     let mut rows: Vec<Group> = Vec::new();
     let mut first_appended: FxHashMap<Key, i64> = FxHashMap::default();
     let mut taken_rows = 0i64;
@@ -155,6 +158,7 @@ pub fn apply_batch(client: &mut SpiClient<'_>, max_rows: i32, timezone: &str) ->
         keys::take_pending(client, &mut rollups, max_rows);
         keys::write(client, rollups);
     }
+    hours::write_applied(client, &rows, &written.skipped, timezone, max_rows);
     if rows.is_empty() {
         return (0, 0);
     }

@@ -36,8 +36,18 @@ pub type Key = (Uuid, i32);
 /// One group of calls: (user, day), totals, and whether they were removed.
 pub type Group = (Key, GroupRow, bool);
 
-/// Groups a transition table per (user, business day, model, key). The day is
-/// computed from the row's own `created_at` in the configured time zone.
+/// The start of the business hour of timestamptz `column` in time zone
+/// `timezone` (a parameter), as `usage_agg._hour_start` computes it; for
+/// grouping by hour (see `hours`). Both are constants of this crate.
+pub fn hour_of_sql(column: &str, timezone: &str) -> String {
+    format!(
+        "({column} - (({column} AT TIME ZONE {timezone}) - pg_catalog.date_trunc('hour', {column} AT TIME ZONE {timezone})))"
+    )
+}
+
+/// Groups a transition table per (user, business day, model, key, hour). The
+/// day and hour are computed from the row's own `created_at` in the configured
+/// time zone.
 /// Rows removed (`skip_expired`) are counted only from the detail horizon on:
 /// before it the retention cleanup deletes detail whose aggregates must stay.
 /// `$1` is the business time zone (the backend's cached config). The key is
@@ -67,7 +77,8 @@ fn grouping_query(table: &str, skip_expired: bool) -> String {
            FROM {table} t
           {horizon}
           {filter}
-          GROUP BY 1, 2, 3, t.shared_key_id"
+          GROUP BY 1, 2, 3, t.shared_key_id, {hour}",
+        hour = hour_of_sql("t.created_at", "$1")
     )
 }
 
@@ -188,17 +199,19 @@ pub const PENDING_GROUP_COLUMNS: &str = "
     (extract(epoch FROM max(p.last_at)) * 1000000)::int8,
     (extract(epoch FROM max(p.last_failure_at)) * 1000000)::int8";
 
-/// The pending calls of the corrected (user, day)s, deleted and grouped;
-/// `last_failure` is the column (or NULL before 0.4.0's catalog).
+/// The pending calls of the corrected (user, day)s, deleted and grouped (by
+/// hour too, in time zone $3); `last_failure` is the column (or NULL before
+/// 0.4.0's catalog).
 fn absorb_query(last_failure: &str) -> String {
     let columns = PENDING_GROUP_COLUMNS.replace("max(p.last_failure_at)", last_failure);
+    let hour = hour_of_sql("p.last_at", "$3");
     format!(
         "WITH taken AS (
              DELETE FROM usage_agg.pending_deltas d
               USING ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[])) AS k(user_id, day)
               WHERE d.user_id = k.user_id AND d.day = DATE '2000-01-01' + k.day
           RETURNING d.*)
-         SELECT {columns} FROM taken p GROUP BY 1, 2, 3, 4"
+         SELECT {columns} FROM taken p GROUP BY 1, 2, 3, 4, {hour}"
     )
 }
 
@@ -209,7 +222,7 @@ kept_statement! {
     ABSORB_PENDING {
         what: "taking pending calls",
         sql: Sql::Built(|| absorb_query("max(p.last_failure_at)")),
-        args: [UUIDARRAYOID, INT4ARRAYOID],
+        args: [UUIDARRAYOID, INT4ARRAYOID, TEXTOID],
         mutating: true,
     }
 }
@@ -220,7 +233,7 @@ kept_statement! {
     ABSORB_PENDING_OLD_CATALOG {
         what: "taking pending calls",
         sql: Sql::Built(|| absorb_query("NULL::timestamptz")),
-        args: [UUIDARRAYOID, INT4ARRAYOID],
+        args: [UUIDARRAYOID, INT4ARRAYOID, TEXTOID],
         mutating: true,
     }
 }
@@ -285,7 +298,12 @@ pub fn read_groups_in_sql(
 }
 
 /// Adds the pending calls of every (user, day) this statement removes rows from.
-pub fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<Group>, current_catalog: bool) {
+pub fn absorb_pending(
+    client: &SpiClient<'_>,
+    rows: &mut Vec<Group>,
+    current_catalog: bool,
+    timezone: &str,
+) {
     let mut keys: Vec<Key> = rows
         .iter()
         .filter(|(_, _, removed)| *removed)
@@ -303,7 +321,7 @@ pub fn absorb_pending(client: &SpiClient<'_>, rows: &mut Vec<Group>, current_cat
     } else {
         &ABSORB_PENDING_OLD_CATALOG
     };
-    let taken = statement.run(client, &[users.into(), days.into()]);
+    let taken = statement.run(client, &[users.into(), days.into(), timezone.into()]);
     let mut absorbed = Vec::new();
     collect_groups(taken, false, &mut absorbed);
     // These calls may be among the removed ones: last_api_call_at is recomputed

@@ -30,6 +30,7 @@ mod decimal;
 mod errors;
 mod fold;
 mod grouping;
+mod hours;
 mod jsonb;
 mod keydata;
 mod keys;
@@ -81,12 +82,18 @@ extension_sql_file!(
     requires = ["schema", "verify", keys::rollup_add]
 );
 extension_sql_file!(
+    "../sql/hourly.sql",
+    name = "hourly",
+    requires = ["schema", "quotas", "verify", "keys"]
+);
+extension_sql_file!(
     "../sql/retention.sql",
     name = "retention",
     requires = [
         "schema",
         "quotas",
         "keys",
+        "hourly",
         retention::rollup_merge,
         applier::apply_pending_deltas,
         worker::applier_state

@@ -25,6 +25,7 @@ use crate::config::{self, FoldConfig, FoldMode};
 use crate::errors;
 use crate::fold::{self, Group, Key};
 use crate::grouping;
+use crate::hours;
 use crate::keys;
 use crate::logdata::{self, DayDelta};
 use crate::pending;
@@ -145,7 +146,12 @@ fn fold_key_usage_logs<'a>(
                 Path::Pending => pending::append_groups(client, &rows, &FxHashMap::default()),
                 Path::Fold | Path::FoldTolerant => {
                     if has_old && config.has_pending_table {
-                        fold::absorb_pending(client, &mut rows, config.current_catalog);
+                        fold::absorb_pending(
+                            client,
+                            &mut rows,
+                            config.current_catalog,
+                            &config.timezone,
+                        );
                     }
                     fold_now(client, rows, &config, path == Path::FoldTolerant);
                 }
@@ -171,6 +177,9 @@ fn fold_now(client: &mut SpiClient<'_>, rows: Vec<Group>, config: &FoldConfig, t
     // Before ALTER EXTENSION ... UPDATE to 0.4.0 there are no per-key tables.
     if config.current_catalog && crate::settings::per_key_aggregates() {
         keys::append_pending(client, &keys::Rollups::of(&rows, &written));
+    }
+    if config.current_catalog {
+        hours::write_folded(client, &rows, &written.skipped, &config.timezone);
     }
     let skipped = written.skipped;
     if skipped.is_empty() {

@@ -146,6 +146,7 @@ fn hammer(db: &TestDb) -> i64 {
             verify_keys(&mut c, "2026-10-01", "2026-10-31"),
             Vec::<String>::new()
         );
+        assert_eq!(hourly_mismatches(&mut c), 0);
         thread::sleep(std::time::Duration::from_millis(100));
     }
     for h in handles {
@@ -161,6 +162,7 @@ fn assert_keys_exact(c: &mut Client, keyed_calls: i64) {
         Vec::<String>::new()
     );
     assert_eq!(key_mismatches(c), 0);
+    assert_eq!(hourly_mismatches(c), 0);
     assert_eq!(
         scalar_i64(c, "SELECT sum(calls)::int8 FROM usage_agg.key_daily_usage"),
         keyed_calls

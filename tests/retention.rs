@@ -423,6 +423,20 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
         USERS[0]
     ))
     .unwrap();
+    // Hours that started more than detail_retention (30 days) ago, user and
+    // key: the calls at noon UTC from 30 or 31 days ago on, by the time of day.
+    // (The key hours wait for an apply, which run_maintenance runs first.)
+    c.batch_execute("SELECT usage_agg.apply_pending_deltas()")
+        .unwrap();
+    let expired_hours = scalar_i64(
+        &mut c,
+        "SELECT (SELECT count(*) FROM usage_agg.hourly_logs WHERE hour < now() - interval '30 days')
+              + (SELECT count(*) FROM usage_agg.key_hourly_logs WHERE hour < now() - interval '30 days')",
+    );
+    assert!(
+        expired_hours == 238 || expired_hours == 240,
+        "{expired_hours}"
+    );
     let runs: Vec<String> = c
         .query(
             "SELECT step || ' ' || ok || ' ' || coalesce(rows::text, 'NULL') || ' ' || coalesce(error, '') FROM usage_agg.run_maintenance()",
@@ -440,6 +454,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "verify_recent_days true 0 ".to_string(),
             "cleanup_old_key_usage_logs true 119 ".to_string(),
             "cleanup_old_daily_logs false NULL XX001: usage_agg: cannot roll a daily_logs row up into monthly_logs: corrupted field \"api_call_count\"".to_string(),
+            format!("cleanup_old_hourly_logs true {expired_hours} "),
             "reset_expired_quotas true 1 ".to_string(),
             "cleanup_old_quota_logs true 0 ".to_string(),
         ]
@@ -455,8 +470,9 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
     );
     assert_eq!(
         scalar_i64(&mut c, "SELECT count(*) FROM usage_agg.maintenance_runs"),
-        7
+        8
     );
+    let hourly_line = format!("cleanup_old_hourly_logs true {expired_hours} false false");
     let health = |c: &mut Client| -> Vec<String> {
         c.query(
             "SELECT step || ' ' || coalesce(last_run_ok::text, 'NULL') || ' ' || coalesce(last_success_rows::text, 'NULL') || ' ' || overdue
@@ -477,6 +493,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "verify_recent_days true 0 false false",
             "cleanup_old_key_usage_logs true 119 false false",
             "cleanup_old_daily_logs false NULL true true",
+            hourly_line.as_str(),
             "reset_expired_quotas true 1 false false",
             "cleanup_old_quota_logs true 0 false false",
             // No background applier on this cluster, nothing pending.
@@ -499,6 +516,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "verify_recent_days true 0 false false",
             "cleanup_old_key_usage_logs true 0 false false",
             "cleanup_old_daily_logs true 59 false false",
+            "cleanup_old_hourly_logs true 0 false false",
             "reset_expired_quotas true 0 false false",
             "cleanup_old_quota_logs true 0 false false",
             "background_fold NULL 0 false false",
@@ -596,7 +614,7 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        7
+        8
     );
     // ... and when pg_cron runs it: every minute, so within about a minute.
     assert_eq!(
@@ -630,14 +648,14 @@ fn pg_cron_schedules_and_runs_maintenance() {
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_runs WHERE ok"
         ),
-        14
+        16
     );
     assert_eq!(
         scalar_i64(
             &mut c,
             "SELECT count(*) FROM usage_agg.maintenance_health WHERE NOT overdue AND last_run_ok AND NOT alert"
         ),
-        7
+        8
     );
 
     assert!(c

@@ -36,7 +36,8 @@ fn data_fingerprint(c: &mut Client) -> Vec<String> {
                     "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute
                       WHERE attrelid = ('usage_agg.' || $1)::regclass AND attnum > 0 AND NOT attisdropped
                         AND attname NOT IN ('fold_mode', 'apply_interval', 'pending_alert_after', 'verify_recent_days', 'repair_drift',
-                                            'alert_thresholds', 'quota_log_retention', 'alert_retention', 'monthly_cost_budget')",
+                                            'alert_thresholds', 'quota_log_retention', 'alert_retention', 'monthly_cost_budget',
+                                            'hourly_retention')",
                     &[t],
                 )
                 .unwrap()[0]
@@ -211,6 +212,24 @@ fn per_key_tables_are_filled(c: &mut Client) {
     );
 }
 
+/// The hourly tier (0.4.0) holds the detail that is left, per user hour and
+/// key hour, pending calls included (at the hour the readers put them).
+fn hourly_tier_is_filled(c: &mut Client) {
+    assert_eq!(hourly_mismatches(c), 0);
+    assert_eq!(
+        scalar_i64(
+            c,
+            "SELECT count(*) FROM usage_agg.verify_hourly_logs('2000-01-01', '2100-01-01')"
+        ),
+        0
+    );
+    assert_eq!(
+        scalar_i64(c, "SELECT sum(calls)::int8 FROM usage_agg.hourly_usage"),
+        scalar_i64(c, "SELECT count(*) FROM usage_agg.key_usage_logs"),
+        "every call of the detail is in an hour"
+    );
+}
+
 /// Updates, checks that the data is kept and that the new version folds on top
 /// of it, and compares the catalog with a fresh install.
 fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name: &str) {
@@ -280,6 +299,7 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
         Vec::<String>::new()
     );
     per_key_tables_are_filled(old);
+    hourly_tier_is_filled(old);
     old.batch_execute(&format!(
         "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('{user}', 1);
          UPDATE usage_agg.config SET fold_mode = 'async';
@@ -300,6 +320,7 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
         Vec::<String>::new()
     );
     per_key_tables_are_filled(old);
+    hourly_tier_is_filled(old);
     old.batch_execute(&format!(
         "UPDATE usage_agg.config SET fold_mode = '{mode_after}', apply_interval = DEFAULT, pending_alert_after = DEFAULT"
     ))

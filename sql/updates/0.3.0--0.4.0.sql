@@ -35,6 +35,9 @@ UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful <
 
 -- @include sql/keys.sql
 
+-- The hourly tier (filled at the end).
+-- @include sql/hourly.sql
+
 -- @replace usage_agg.rebuild_daily_logs
 -- @replace usage_agg.cleanup_old_daily_logs
 -- @replace usage_agg.expire_daily_logs
@@ -65,6 +68,10 @@ ALTER TABLE usage_agg.config ADD COLUMN quota_log_retention interval NOT NULL DE
     ADD CONSTRAINT config_alert_retention_covers_a_month CHECK (alert_retention >= interval '31 days');
 COMMENT ON COLUMN usage_agg.config.quota_log_retention IS
     'run_maintenance() deletes quota_usage_logs rows older than this (the totals stay in quotas; a request_id older than this is no longer recognised)';
+ALTER TABLE usage_agg.config ADD COLUMN hourly_retention interval,
+    ADD CONSTRAINT config_hourly_retention_positive CHECK (hourly_retention > interval '0');
+COMMENT ON COLUMN usage_agg.config.hourly_retention IS
+    'run_maintenance() deletes hourly_logs and key_hourly_logs rows of hours older than this (NULL: detail_retention)';
 COMMENT ON COLUMN usage_agg.config.alert_retention IS
     'run_maintenance() deletes usage_agg.alerts rows older than this';
 CREATE INDEX quota_usage_logs_created_at ON usage_agg.quota_usage_logs USING brin (created_at);
@@ -143,6 +150,9 @@ ALTER VIEW usage_agg.key_monthly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_health SET (security_invoker = true);
 ALTER VIEW usage_agg.service_daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.service_monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.hourly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.key_hourly_usage SET (security_invoker = true);
+REVOKE EXECUTE ON FUNCTION usage_agg.cleanup_old_hourly_logs(interval), usage_agg._rebuild_hours(date) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Filling the new tables from what the database holds.
@@ -239,3 +249,31 @@ SELECT m.month,
            'recovered_from', 'monthly_logs')
   FROM usage_agg.monthly_logs m
  GROUP BY m.month;
+
+-- Hours with detail: a GROUP BY over it, less the calls still pending, each
+-- at the hour of its pending row's newest call (where the readers and the next
+-- apply put them), so the hours are exact at once and after that apply.
+WITH horizon AS (
+    SELECT h.detail_kept_from AS day, usage_agg._timezone() AS tz FROM usage_agg.retention_horizon h
+), calls AS (
+    SELECT k.user_id, k.shared_key_id AS key, usage_agg._hour_start(k.created_at, h.tz) AS hour,
+           1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok, COALESCE(k.tokens_used, 0)::bigint AS tokens,
+           COALESCE(k.cost_estimate, 0) AS cost
+      FROM usage_agg.key_usage_logs k, horizon h
+     WHERE k.created_at >= usage_agg._day_start(h.day, h.tz)
+    UNION ALL
+    SELECT p.user_id, p.shared_key_id, usage_agg._hour_start(p.last_at, h.tz), -p.calls, -p.successful,
+           -p.tokens, -p.cost
+      FROM usage_agg.pending_deltas p, horizon h
+     WHERE p.last_at >= usage_agg._day_start(h.day, h.tz)
+), users AS (
+    INSERT INTO usage_agg.hourly_logs (user_id, hour, calls, successful, tokens, cost)
+    SELECT c.user_id, c.hour, sum(c.n), sum(c.ok), sum(c.tokens), sum(c.cost)
+      FROM calls c GROUP BY c.user_id, c.hour
+    HAVING sum(c.n) <> 0 OR sum(c.tokens) <> 0 OR sum(c.cost) <> 0
+    RETURNING 1
+)
+INSERT INTO usage_agg.key_hourly_logs (shared_key_id, hour, calls, successful, tokens, cost)
+SELECT c.key, c.hour, sum(c.n), sum(c.ok), sum(c.tokens), sum(c.cost)
+  FROM calls c WHERE c.key IS NOT NULL GROUP BY c.key, c.hour
+HAVING sum(c.n) <> 0 OR sum(c.tokens) <> 0 OR sum(c.cost) <> 0;

@@ -211,8 +211,47 @@ pub fn verify(c: &mut Client, from: &str, to: &str) -> Vec<String> {
 
 /// (user, day) pairs whose calls, successes, tokens or cost differ between the
 /// aggregate and a GROUP BY over the detail, computed independently of
-/// verify_daily_logs. Uses the configured time zone.
+/// verify_daily_logs, plus the (user, hour)s and (key, hour)s where the hourly
+/// views and the detail differ (see [`hourly_mismatches`]). Uses the
+/// configured time zone.
 pub fn group_by_mismatches(c: &mut Client) -> i64 {
+    daily_mismatches(c) + hourly_mismatches(c)
+}
+
+/// (user, hour)s and (key, hour)s whose calls, successes, tokens or cost differ
+/// between hourly_usage or key_hourly_usage (which add pending calls) and a
+/// GROUP BY over the detail; the hour computed here from the local minutes and
+/// seconds, not by the extension's _hour_start.
+pub fn hourly_mismatches(c: &mut Client) -> i64 {
+    c.query_one(
+        "WITH tz AS (SELECT timezone AS name FROM usage_agg.config),
+              calls AS (
+                SELECT k.*, k.created_at - make_interval(
+                           mins => extract(minute FROM k.created_at AT TIME ZONE tz.name)::int,
+                           secs => extract(second FROM k.created_at AT TIME ZONE tz.name)) AS h
+                  FROM usage_agg.key_usage_logs k, tz),
+              g AS (SELECT 'user' AS scope, user_id AS id, h, count(*) AS calls, count(*) FILTER (WHERE success) AS ok,
+                           coalesce(sum(tokens_used), 0) AS tokens, coalesce(sum(cost_estimate), 0) AS cost
+                      FROM calls GROUP BY 2, 3
+                    UNION ALL
+                    SELECT 'key', shared_key_id, h, count(*), count(*) FILTER (WHERE success),
+                           coalesce(sum(tokens_used), 0), coalesce(sum(cost_estimate), 0)
+                      FROM calls WHERE shared_key_id IS NOT NULL GROUP BY 2, 3),
+              a AS (SELECT 'user' AS scope, user_id AS id, hour AS h, calls, successful_calls AS ok, tokens_used AS tokens,
+                           estimated_cost AS cost FROM usage_agg.hourly_usage
+                    UNION ALL
+                    SELECT 'key', shared_key_id, hour, calls, successful_calls, tokens_used, estimated_cost
+                      FROM usage_agg.key_hourly_usage)
+         SELECT count(*) FROM g FULL JOIN a ON a.scope = g.scope AND a.id = g.id AND a.h = g.h
+          WHERE coalesce(a.calls, 0) <> coalesce(g.calls, 0) OR coalesce(a.ok, 0) <> coalesce(g.ok, 0)
+             OR coalesce(a.tokens, 0) <> coalesce(g.tokens, 0) OR coalesce(a.cost, 0) <> coalesce(g.cost, 0)",
+        &[],
+    )
+    .expect("hourly group by comparison")
+    .get(0)
+}
+
+fn daily_mismatches(c: &mut Client) -> i64 {
     c.query_one(
         "WITH tz AS (SELECT timezone AS name FROM usage_agg.config),
               g AS (SELECT k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS d,
