@@ -82,6 +82,12 @@ start_cluster() {  # start_cluster CONFIG
     if has_contender nohours; then
         ua_psql "$PORT" postgres -c "ALTER DATABASE bench_nohours SET usage_agg.hourly_aggregates = off" >/dev/null
     fi
+    # A database's applier connected when the database was created and read
+    # its settings then: end it, so that the launcher starts one that reads the
+    # settings above (before this, the nokeys applier kept per-key aggregates on).
+    ua_psql "$PORT" postgres -c "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                                  WHERE backend_type = 'usage_agg applier' AND datname IN ('bench_nokeys', 'bench_nohours')" >/dev/null
+    sleep 1
     # The asynchronous contenders must really run so, with their appliers.
     for c in default nokeys nohours budgets; do
         has_contender "$c" || continue
@@ -118,6 +124,13 @@ drain() {
 }
 
 check_fold() {  # the aggregates equal the detail (verify_daily_logs is empty)
+    # The contenders with a tier off really ran without it (their appliers too).
+    if [ "$1" = nohours ] || [ "$1" = nokeys ]; then
+        local table=hourly_logs
+        [ "$1" = nokeys ] && table=key_daily_logs
+        [ "$(sql "$1" "SELECT count(*) FROM usage_agg.$table")" = 0 ] \
+            || { echo "bench_$1 wrote usage_agg.$table: its setting did not reach every fold" >&2; exit 1; }
+    fi
     case "$1" in default | immediate | budgets | immediate_budgets) ;; *) return 0 ;; esac
     local bad; bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
     [ "$bad" = 0 ] || { echo "verify_daily_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
