@@ -274,6 +274,7 @@ fn switching_modes_and_maintenance_keep_totals() {
             "verify_recent_days 0",
             "cleanup_old_key_usage_logs 1",
             "cleanup_old_daily_logs 1",
+            "cleanup_old_hourly_logs 1",
             "reset_expired_quotas 0",
             "cleanup_old_quota_logs 0"
         ]
