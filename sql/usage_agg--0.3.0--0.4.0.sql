@@ -1029,48 +1029,39 @@ END;
 -- ---------------------------------------------------------------------------
 -- Reads.
 -- ---------------------------------------------------------------------------
+-- Both read _hourly_parts (inlined: a filter on the id and hour reaches the
+-- tables' primary keys, and the other scope's arms are pruned).
 CREATE VIEW usage_agg.hourly_usage AS
-SELECT u.user_id, u.hour,
-       u.hour AT TIME ZONE z.tz AS local_hour,
-       (u.hour AT TIME ZONE z.tz)::date AS date,
-       sum(u.calls)::bigint AS calls,
-       sum(u.successful)::bigint AS successful_calls,
-       sum(u.calls - u.successful)::bigint AS failed_calls,
-       sum(u.tokens)::bigint AS tokens_used,
-       sum(u.cost) AS estimated_cost
+SELECT x.id AS user_id, x.hour,
+       x.hour AT TIME ZONE z.tz AS local_hour,
+       (x.hour AT TIME ZONE z.tz)::date AS date,
+       sum(x.calls)::bigint AS calls,
+       sum(x.successful)::bigint AS successful_calls,
+       sum(x.calls - x.successful)::bigint AS failed_calls,
+       sum(x.tokens)::bigint AS tokens_used,
+       sum(x.cost) AS estimated_cost
   FROM (SELECT usage_agg._timezone() AS tz) z,
-       LATERAL (SELECT h.user_id, h.hour, h.calls, h.successful, h.tokens, h.cost
-                  FROM usage_agg.hourly_logs h
-                UNION ALL
-                SELECT p.user_id, usage_agg._hour_start(p.last_at, z.tz), p.calls, p.successful, p.tokens, p.cost
-                  FROM usage_agg.pending_deltas p) u
- GROUP BY u.user_id, u.hour, z.tz
-HAVING sum(u.calls) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0;
+       LATERAL usage_agg._hourly_parts(z.tz) x
+ WHERE x.scope = 'user'
+ GROUP BY x.id, x.hour, z.tz
+HAVING sum(x.calls) <> 0 OR sum(x.tokens) <> 0 OR sum(x.cost) <> 0;
 COMMENT ON VIEW usage_agg.hourly_usage IS
     'One row per user and business hour with calls (hour: the instant it starts; local_hour and date in config.timezone), exact with pending calls';
 
 CREATE VIEW usage_agg.key_hourly_usage AS
-SELECT u.shared_key_id, u.hour,
-       u.hour AT TIME ZONE z.tz AS local_hour,
-       (u.hour AT TIME ZONE z.tz)::date AS date,
-       sum(u.calls)::bigint AS calls,
-       sum(u.successful)::bigint AS successful_calls,
-       sum(u.calls - u.successful)::bigint AS failed_calls,
-       sum(u.tokens)::bigint AS tokens_used,
-       sum(u.cost) AS estimated_cost
+SELECT x.id AS shared_key_id, x.hour,
+       x.hour AT TIME ZONE z.tz AS local_hour,
+       (x.hour AT TIME ZONE z.tz)::date AS date,
+       sum(x.calls)::bigint AS calls,
+       sum(x.successful)::bigint AS successful_calls,
+       sum(x.calls - x.successful)::bigint AS failed_calls,
+       sum(x.tokens)::bigint AS tokens_used,
+       sum(x.cost) AS estimated_cost
   FROM (SELECT usage_agg._timezone() AS tz) z,
-       LATERAL (SELECT k.shared_key_id, k.hour, k.calls, k.successful, k.tokens, k.cost
-                  FROM usage_agg.key_hourly_logs k
-                UNION ALL
-                SELECT q.shared_key_id, q.hour, q.calls, q.successful, q.tokens, q.cost
-                  FROM usage_agg.pending_key_hour_deltas q
-                UNION ALL
-                SELECT p.shared_key_id, usage_agg._hour_start(p.last_at, z.tz), p.calls, p.successful,
-                       p.tokens, p.cost
-                  FROM usage_agg.pending_deltas p
-                 WHERE p.shared_key_id IS NOT NULL) u
- GROUP BY u.shared_key_id, u.hour, z.tz
-HAVING sum(u.calls) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0;
+       LATERAL usage_agg._hourly_parts(z.tz) x
+ WHERE x.scope = 'key'
+ GROUP BY x.id, x.hour, z.tz
+HAVING sum(x.calls) <> 0 OR sum(x.tokens) <> 0 OR sum(x.cost) <> 0;
 COMMENT ON VIEW usage_agg.key_hourly_usage IS
     'One row per shared key and business hour with calls, across users (hour: the instant it starts; local_hour and date in config.timezone), exact with pending calls';
 

@@ -146,28 +146,37 @@ impl<K: Clone> Columns<K> {
     }
 }
 
-/// The rows of an hourly statement: ids, hours (Unix microseconds), counters.
-const HOUR_ROWS: &str = "ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2::int8[]),
-                              pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]),
-                              pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::text[]))
-                   WITH ORDINALITY AS u(id, hour, calls, ok, tokens, cost, ord)";
+/// The rows of an hourly statement: ids (an array of `id_array`), hours (Unix
+/// microseconds), counters; the columns of [`Columns`].
+fn hour_rows(id_array: &str) -> String {
+    // `id_array` is a constant of this module.
+    format!(
+        "ROWS FROM (pg_catalog.unnest($1::{id_array}), pg_catalog.unnest($2::int8[]),
+                    pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]),
+                    pg_catalog.unnest($5::int8[]), pg_catalog.unnest($6::text[]))
+         WITH ORDINALITY AS u(id, hour, calls, ok, tokens, cost, ord)"
+    )
+}
+
+/// The ON CONFLICT arm of every hourly upsert (the stored row is `h`).
+const ADD_COUNTERS: &str = "SET calls = h.calls + EXCLUDED.calls,
+                successful = h.successful + EXCLUDED.successful,
+                tokens = h.tokens + EXCLUDED.tokens,
+                cost = h.cost + EXCLUDED.cost,
+                last_modified = EXCLUDED.last_modified";
 
 /// The start of hour `u.hour` (Unix microseconds) as a timestamptz.
 const HOUR_VALUE: &str = "TIMESTAMPTZ 'epoch' + u.hour * INTERVAL '1 microsecond'";
 
-fn upsert_query(table: &str, id_column: &str, id_type: &str) -> String {
-    // `table`, `id_column` and `id_type` are constants of this module.
+fn upsert_query(table: &str, id_column: &str, id_array: &str) -> String {
+    // `table`, `id_column` and `id_array` are constants of this module.
     format!(
         "INSERT INTO usage_agg.{table} AS h ({id_column}, hour, calls, successful, tokens, cost, last_modified)
-         SELECT u.id::{id_type}, {HOUR_VALUE}, u.calls, u.ok, u.tokens, u.cost::numeric, pg_catalog.now()
-           FROM {HOUR_ROWS}
+         SELECT u.id::uuid, {HOUR_VALUE}, u.calls, u.ok, u.tokens, u.cost::numeric, pg_catalog.now()
+           FROM {rows}
           ORDER BY u.ord
-         ON CONFLICT ({id_column}, hour) DO UPDATE
-            SET calls = h.calls + EXCLUDED.calls,
-                successful = h.successful + EXCLUDED.successful,
-                tokens = h.tokens + EXCLUDED.tokens,
-                cost = h.cost + EXCLUDED.cost,
-                last_modified = EXCLUDED.last_modified"
+         ON CONFLICT ({id_column}, hour) DO UPDATE {ADD_COUNTERS}",
+        rows = hour_rows(id_array)
     )
 }
 
@@ -175,7 +184,7 @@ kept_statement! {
     /// A user's hours, in (user, hour) order.
     UPSERT_USER_HOURS {
         what: "writing hourly rows",
-        sql: Sql::Built(|| upsert_query("hourly_logs", "user_id", "uuid").replace("unnest($1)", "unnest($1::uuid[])")),
+        sql: Sql::Built(|| upsert_query("hourly_logs", "user_id", "uuid[]")),
         args: [UUIDARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID],
         mutating: true,
     }
@@ -185,15 +194,11 @@ kept_statement! {
     /// One user hour, the common case (no arrays to build and unnest).
     UPSERT_USER_HOUR {
         what: "writing an hourly row",
-        sql: Sql::Text("
-            INSERT INTO usage_agg.hourly_logs AS h (user_id, hour, calls, successful, tokens, cost, last_modified)
-            VALUES ($1, TIMESTAMPTZ 'epoch' + $2 * INTERVAL '1 microsecond', $3, $4, $5, $6::numeric, pg_catalog.now())
-            ON CONFLICT (user_id, hour) DO UPDATE
-               SET calls = h.calls + EXCLUDED.calls,
-                   successful = h.successful + EXCLUDED.successful,
-                   tokens = h.tokens + EXCLUDED.tokens,
-                   cost = h.cost + EXCLUDED.cost,
-                   last_modified = EXCLUDED.last_modified"),
+        sql: Sql::Built(|| format!(
+            "INSERT INTO usage_agg.hourly_logs AS h (user_id, hour, calls, successful, tokens, cost, last_modified)
+             VALUES ($1, TIMESTAMPTZ 'epoch' + $2 * INTERVAL '1 microsecond', $3, $4, $5, $6::numeric, pg_catalog.now())
+             ON CONFLICT (user_id, hour) DO UPDATE {ADD_COUNTERS}"
+        )),
         args: [UUIDOID, INT8OID, INT8OID, INT8OID, INT8OID, TEXTOID],
         mutating: true,
     }
@@ -203,7 +208,7 @@ kept_statement! {
     /// A key's hours (applies only), in (key, hour) order.
     UPSERT_KEY_HOURS {
         what: "writing per-key hourly rows",
-        sql: Sql::Built(|| upsert_query("key_hourly_logs", "shared_key_id", "uuid").replace("unnest($1)", "unnest($1::text[])")),
+        sql: Sql::Built(|| upsert_query("key_hourly_logs", "shared_key_id", "text[]")),
         args: [TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID],
         mutating: true,
     }
@@ -217,7 +222,7 @@ kept_statement! {
             "INSERT INTO usage_agg.pending_key_hour_deltas (shared_key_id, hour, calls, successful, tokens, cost)
              SELECT u.id::uuid, {HOUR_VALUE}, u.calls, u.ok, u.tokens, u.cost::numeric
                FROM {}",
-            HOUR_ROWS.replace("unnest($1)", "unnest($1::text[])")
+            hour_rows("text[]")
         )),
         args: [TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TEXTARRAYOID],
         mutating: true,
@@ -258,31 +263,23 @@ fn write_user_hours(client: &SpiClient<'_>, hours: &Hours) {
                 d.cost.to_string().into(),
             ],
         );
-    } else if !hours.users.is_empty() {
-        let c = Columns::of(&hours.users);
-        UPSERT_USER_HOURS.run(
-            client,
-            &[
-                c.ids.into(),
-                c.hours.into(),
-                c.calls.into(),
-                c.successful.into(),
-                c.tokens.into(),
-                c.costs.into(),
-            ],
-        );
+    } else {
+        run_hours(client, &UPSERT_USER_HOURS, &hours.users);
     }
 }
 
-fn run_key_statement(
+/// Runs an hourly statement over `map`'s rows (nothing when empty).
+fn run_hours<K: Clone>(
     client: &SpiClient<'_>,
     statement: &'static crate::plans::KeptStatement,
-    keys: &BTreeMap<(String, i64), HourDelta>,
-) {
-    if keys.is_empty() {
+    map: &BTreeMap<(K, i64), HourDelta>,
+) where
+    Vec<K>: pgrx::IntoDatum,
+{
+    if map.is_empty() {
         return;
     }
-    let c = Columns::of(keys);
+    let c = Columns::of(map);
     statement.run(
         client,
         &[
@@ -319,7 +316,7 @@ pub fn write_folded(client: &SpiClient<'_>, groups: &[Group], skipped: &[Skipped
     let hours = Hours::of(groups, skipped, clock(timezone));
     write_user_hours(client, &hours);
     if per_key {
-        run_key_statement(client, &APPEND_KEY_HOUR_PENDING, &hours.keys);
+        run_hours(client, &APPEND_KEY_HOUR_PENDING, &hours.keys);
     }
 }
 
@@ -369,7 +366,7 @@ pub fn write_applied(
         hours.add_key(key, int(2), &delta);
     }
     hours.keys.retain(|_, d| !d.is_zero());
-    run_key_statement(client, &UPSERT_KEY_HOURS, &hours.keys);
+    run_hours(client, &UPSERT_KEY_HOURS, &hours.keys);
 }
 
 #[cfg(test)]
