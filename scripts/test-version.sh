@@ -26,7 +26,9 @@ else
 fi
 
 PORT="${USAGE_AGG_TEST_PORT:-28816}"
-ua_cluster_start itest "$PORT"
+# cron.log_min_messages: pg_cron logs every job it starts (tests/cron.rs shows
+# those lines when a job did not run).
+ua_cluster_start itest "$PORT" "cron.log_min_messages = log"
 trap 'ua_cluster_stop itest' EXIT
 
 # Upgrade test: every released version, installed from its tag, writes data with
@@ -74,7 +76,8 @@ trap 'bash "$UA_ROOT/scripts/pgbouncer.sh" stop itest; bash "$UA_ROOT/scripts/pg
 export USAGE_AGG_PGBOUNCER_PORT="$PGBOUNCER_PORT" USAGE_AGG_APPLIER_PGBOUNCER_PORT="$((PGBOUNCER_PORT + 1))"
 ua_log "PostgreSQL ${UA_PG_MAJOR}: integration tests against live clusters on ports ${PORT} and ${APPLIER_PORT}"
 # The tests are clients: one build of them (for 15) serves every server version.
-export USAGE_AGG_TEST_PORT="$PORT" USAGE_AGG_PG_BIN="$UA_PG_BIN" USAGE_AGG_PG_MAJOR="$UA_PG_MAJOR"
+export USAGE_AGG_TEST_PORT="$PORT" USAGE_AGG_PG_BIN="$UA_PG_BIN" USAGE_AGG_PG_MAJOR="$UA_PG_MAJOR" \
+    USAGE_AGG_TEST_LOG="${UA_RUN_DIR}/itest/server.log"
 # Every test binary runs, so that one failure does not hide the others;
 # USAGE_AGG_TESTS="keys upgrade" picks binaries (a developer's rerun).
 targets=()
