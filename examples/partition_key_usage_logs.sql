@@ -17,6 +17,7 @@ ALTER INDEX usage_agg.key_usage_logs_pkey RENAME TO key_usage_logs_unpartitioned
 ALTER INDEX usage_agg.key_usage_logs_request_id_key RENAME TO key_usage_logs_unpartitioned_request_id_key;
 ALTER INDEX usage_agg.key_usage_logs_user_created_at RENAME TO key_usage_logs_unpartitioned_user_created_at;
 ALTER INDEX usage_agg.key_usage_logs_created_at RENAME TO key_usage_logs_unpartitioned_created_at;
+ALTER INDEX usage_agg.key_usage_logs_unpriced RENAME TO key_usage_logs_unpartitioned_unpriced;
 
 CREATE TABLE usage_agg.key_usage_logs (
     LIKE usage_agg.key_usage_logs_unpartitioned INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING COMMENTS,
@@ -25,6 +26,8 @@ CREATE TABLE usage_agg.key_usage_logs (
 ) PARTITION BY RANGE (created_at);
 CREATE INDEX key_usage_logs_user_created_at ON usage_agg.key_usage_logs (user_id, created_at);
 CREATE INDEX key_usage_logs_created_at ON usage_agg.key_usage_logs (created_at);
+CREATE INDEX key_usage_logs_unpriced ON usage_agg.key_usage_logs (model_used, created_at)
+    WHERE cost_estimate IS NULL;
 CREATE TABLE usage_agg.key_usage_logs_default PARTITION OF usage_agg.key_usage_logs DEFAULT;
 
 -- One partition per month (UTC), from the oldest row's month to two months ahead.
@@ -61,6 +64,21 @@ CREATE TRIGGER fold_delete
     AFTER DELETE ON usage_agg.key_usage_logs
     REFERENCING OLD TABLE AS usage_agg_old_rows
     FOR EACH STATEMENT EXECUTE FUNCTION usage_agg.fold_key_usage_logs();
+-- The pricing triggers, as sql/prices.sql creates them.
+CREATE TRIGGER price_insert
+    BEFORE INSERT ON usage_agg.key_usage_logs
+    FOR EACH ROW
+    WHEN (NEW.cost_estimate IS NULL
+          OR (NEW.tokens_used IS NULL
+              AND num_nonnulls(NEW.input_tokens, NEW.output_tokens, NEW.cache_read_tokens, NEW.cache_write_tokens) > 0))
+    EXECUTE FUNCTION usage_agg._price_call();
+CREATE TRIGGER price_update
+    BEFORE UPDATE ON usage_agg.key_usage_logs
+    FOR EACH ROW
+    WHEN (NEW.cost_estimate IS NULL OR OLD.price_valid_from IS NOT NULL OR NEW.tokens_used IS NULL
+          OR (NEW.input_tokens, NEW.output_tokens, NEW.cache_read_tokens, NEW.cache_write_tokens)
+             IS DISTINCT FROM (OLD.input_tokens, OLD.output_tokens, OLD.cache_read_tokens, OLD.cache_write_tokens))
+    EXECUTE FUNCTION usage_agg._price_call();
 
 ALTER EXTENSION usage_agg DROP TABLE usage_agg.key_usage_logs_unpartitioned;
 DROP TABLE usage_agg.key_usage_logs_unpartitioned;

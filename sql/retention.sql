@@ -602,10 +602,21 @@ SELECT h.step, h.last_run_at, h.last_run_ok, h.last_error, h.last_success_at, h.
          CROSS JOIN (SELECT least((SELECT min(q.appended_at) FROM usage_agg.pending_deltas q),
                              (SELECT min(q.appended_at) FROM usage_agg.pending_key_deltas q),
                              (SELECT min(q.appended_at) FROM usage_agg.pending_key_hour_deltas q)) AS oldest) p
-         CROSS JOIN (SELECT count(*) AS days FROM usage_agg.fold_skipped) sk) h
+         CROSS JOIN (SELECT count(*) AS days FROM usage_agg.fold_skipped) sk
+        UNION ALL
+        -- Calls without a cost, once usage_agg.model_prices is in use (before
+        -- that, a cost left NULL is the application's choice).
+        SELECT 1001, 'unpriced_calls', NULL, NULL,
+               CASE WHEN u.calls > 0
+                    THEN format('%s call(s) of %s model(s) have no cost, the oldest from %s: see usage_agg.unpriced_calls',
+                                u.calls, u.models, u.since) END,
+               NULL, NULL, NULL, u.calls > 0
+          FROM (SELECT COALESCE(sum(u.calls), 0) AS calls, count(u.model) AS models, min(u.since) AS since
+                  FROM usage_agg._unpriced_calls() u
+                 WHERE EXISTS (SELECT 1 FROM usage_agg.model_prices)) u) h
  ORDER BY h.ord;
 COMMENT ON VIEW usage_agg.maintenance_health IS
-    'Per maintenance step: last run, last success and its rows, overdue when no success within overdue_after (post_restore: while a restore waits to be healed), alert when overdue or the last run failed or found drift; background_fold: overdue when a call waits longer than config.pending_alert_after or a day could not be folded';
+    'Per maintenance step: last run, last success and its rows, overdue when no success within overdue_after (post_restore: while a restore waits to be healed), alert when overdue or the last run failed or found drift; background_fold: overdue when a call waits longer than config.pending_alert_after or a day could not be folded; unpriced_calls: overdue while calls have no cost and usage_agg.model_prices has rows';
 
 -- ---------------------------------------------------------------------------
 -- pg_cron scheduling. pg_cron is optional: it is looked up at call time.

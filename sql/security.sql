@@ -39,7 +39,8 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg._cost_alerts(uuid[], date[], numeric[]),
     usage_agg._lock_cost_months(uuid[], date[]),
     usage_agg.cleanup_old_hourly_logs(interval),
-    usage_agg._rebuild_hours(date)
+    usage_agg._rebuild_hours(date),
+    usage_agg.reprice_calls(timestamptz, timestamptz, integer)
 FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE
     usage_agg.expire_key_usage_logs(interval, bigint),
@@ -65,6 +66,7 @@ ALTER VIEW usage_agg.service_daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.service_monthly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.hourly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_hourly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.unpriced_calls SET (security_invoker = true);
 
 CREATE FUNCTION usage_agg._check_role(role_name name) RETURNS void
 LANGUAGE plpgsql STABLE
@@ -110,7 +112,8 @@ BEGIN
                            usage_agg.user_limits, usage_agg.alerts,
                            usage_agg.hourly_logs, usage_agg.key_hourly_logs,
                            usage_agg.pending_key_hour_deltas,
-                           usage_agg.hourly_usage, usage_agg.key_hourly_usage
+                           usage_agg.hourly_usage, usage_agg.key_hourly_usage,
+                           usage_agg.model_prices, usage_agg.unpriced_calls
                     TO %I', role_name);
     EXECUTE format('GRANT EXECUTE ON FUNCTION usage_agg.quota_status(uuid) TO %I', role_name);
 END;

@@ -101,6 +101,7 @@ thread_local! {
 }
 
 unsafe extern "C-unwind" fn config_invalidated(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    crate::prices::relcache_invalidated(relid);
     let watched = WATCHED_OIDS.with(Cell::get);
     if relid == pg_sys::InvalidOid || watched.contains(&relid) {
         CONFIG.with(|c| c.replace(None));
@@ -115,13 +116,7 @@ pub fn cached() -> Option<FoldConfig> {
 
 /// The settings, read through `client` when not cached.
 pub fn read(client: &SpiClient<'_>) -> FoldConfig {
-    if !CALLBACK_REGISTERED.with(Cell::get) {
-        // SAFETY: registers a plain function for the life of the backend.
-        unsafe {
-            pg_sys::CacheRegisterRelcacheCallback(Some(config_invalidated), pg_sys::Datum::from(0))
-        };
-        CALLBACK_REGISTERED.with(|r| r.set(true));
-    }
+    register_invalidation_callback();
     if let Some(cached) = cached() {
         return cached;
     }
@@ -148,6 +143,18 @@ pub fn read(client: &SpiClient<'_>) -> FoldConfig {
         CONFIG.with(|c| c.replace(Some(config.clone())));
     }
     config
+}
+
+/// Registers, once per backend, the relcache callback that drops this
+/// module's copy and the price list (`prices`) when their tables change.
+pub fn register_invalidation_callback() {
+    if !CALLBACK_REGISTERED.with(Cell::get) {
+        // SAFETY: registers a plain function for the life of the backend.
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(Some(config_invalidated), pg_sys::Datum::from(0))
+        };
+        CALLBACK_REGISTERED.with(|r| r.set(true));
+    }
 }
 
 /// The thresholds from their jsonb text (`[80, 100]`); numbers keep their

@@ -37,6 +37,8 @@ mod keys;
 mod logdata;
 mod pending;
 mod plans;
+mod prices;
+mod pricing;
 mod quotas;
 mod retention;
 mod settings;
@@ -87,6 +89,16 @@ extension_sql_file!(
     requires = ["schema", "quotas", "verify", "keys"]
 );
 extension_sql_file!(
+    "../sql/prices.sql",
+    name = "prices",
+    requires = [
+        "schema",
+        config_changed,
+        prices::price_call,
+        prices::call_cost
+    ]
+);
+extension_sql_file!(
     "../sql/retention.sql",
     name = "retention",
     requires = [
@@ -94,6 +106,7 @@ extension_sql_file!(
         "quotas",
         "keys",
         "hourly",
+        "prices",
         retention::rollup_merge,
         applier::apply_pending_deltas,
         worker::applier_state

@@ -310,8 +310,15 @@ mod tests {
     /// was changed is refused with 42804 and a hint, in every path, never misread.
     #[pg_test]
     fn a_changed_column_type_is_refused() {
-        Spi::run("ALTER TABLE usage_agg.key_usage_logs ALTER COLUMN tokens_used TYPE bigint")
-            .unwrap();
+        // The pricing triggers' WHEN clauses name tokens_used, so PostgreSQL
+        // refuses the type change while they exist; the fold's own check is
+        // what this test is about.
+        Spi::run(
+            "DROP TRIGGER price_insert ON usage_agg.key_usage_logs;
+             DROP TRIGGER price_update ON usage_agg.key_usage_logs;
+             ALTER TABLE usage_agg.key_usage_logs ALTER COLUMN tokens_used TYPE bigint",
+        )
+        .unwrap();
         let expected = [
             "42804",
             "usage_agg: column key_usage_logs.tokens_used has type bigint, the fold needs integer",

@@ -38,6 +38,13 @@ UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful <
 -- The hourly tier (filled at the end).
 -- @include sql/hourly.sql
 
+-- Token kinds and table prices: five columns of key_usage_logs (NULL in every
+-- existing row; their CHECK constraints scan the table once), model_prices,
+-- the pricing triggers, unpriced_calls, reprice_calls(), call_cost().
+-- @create usage_agg._price_call
+-- @create usage_agg.call_cost
+-- @include sql/prices.sql
+
 -- @replace usage_agg.rebuild_daily_logs
 -- @replace usage_agg.cleanup_old_daily_logs
 -- @replace usage_agg.expire_daily_logs
@@ -153,6 +160,8 @@ ALTER VIEW usage_agg.service_monthly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.hourly_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_hourly_usage SET (security_invoker = true);
 REVOKE EXECUTE ON FUNCTION usage_agg.cleanup_old_hourly_logs(interval), usage_agg._rebuild_hours(date) FROM PUBLIC;
+ALTER VIEW usage_agg.unpriced_calls SET (security_invoker = true);
+REVOKE EXECUTE ON FUNCTION usage_agg.reprice_calls(timestamptz, timestamptz, integer) FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Filling the new tables from what the database holds.
