@@ -486,7 +486,7 @@ fn extension_tables_are_registered_for_pg_dump() {
               WHERE e.extname = 'usage_agg'"
         ),
         Some(
-            "alerts,alerts_id_seq,config,daily_logs,hourly_logs,key_daily_logs,key_hourly_logs,key_monthly_logs,key_usage_logs,maintenance_runs,monthly_logs,pending_deltas,pending_key_deltas,pending_key_deltas_id_seq,pending_key_hour_deltas,quota_plans,quota_usage_logs,quotas,retention_horizon,service_daily_logs,service_monthly_logs,user_limits"
+            "alerts,alerts_id_seq,config,daily_logs,hourly_logs,key_daily_logs,key_hourly_logs,key_monthly_logs,key_usage_logs,maintenance_runs,model_prices,monthly_logs,pending_deltas,pending_key_deltas,pending_key_deltas_id_seq,pending_key_hour_deltas,quota_plans,quota_usage_logs,quotas,retention_horizon,service_daily_logs,service_monthly_logs,user_limits"
                 .to_string()
         )
     );

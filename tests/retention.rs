@@ -405,6 +405,22 @@ fn partitioned_detail_drops_expired_partitions() {
         summary(&mut c, USERS[0], None)[2],
         "all_time 201 151 50 19907 20.900"
     );
+    // So does the pricing trigger.
+    c.batch_execute(&format!(
+        "INSERT INTO usage_agg.model_prices (model, valid_from, per_call) VALUES ('m-part', '2000-01-01Z', 0.25);
+         INSERT INTO usage_agg.key_usage_logs (user_id, model_used, input_tokens) VALUES ('{0}', 'm-part', 3);",
+        USERS[0]
+    ))
+    .unwrap();
+    assert_eq!(
+        scalar_text(
+            &mut c,
+            "SELECT tokens_used || ' ' || cost_estimate || ' ' || (price_valid_from IS NOT NULL)
+               FROM usage_agg.key_usage_logs WHERE model_used = 'm-part'"
+        ),
+        Some("3 0.25 true".to_string())
+    );
+    assert_eq!(verify_all(&mut c), Vec::<String>::new());
 }
 
 #[test]
@@ -497,6 +513,8 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "cleanup_old_quota_logs true 0 false false",
             // No background applier on this cluster, nothing pending.
             "background_fold NULL 0 false false",
+            // No price list: calls without a cost are the application's choice.
+            "unpriced_calls NULL NULL false false",
         ]
     );
     // Repaired, the next run rolls the days up.
@@ -519,6 +537,7 @@ fn maintenance_logs_each_step_and_survives_a_failing_step() {
             "reset_expired_quotas true 0 false false",
             "cleanup_old_quota_logs true 0 false false",
             "background_fold NULL 0 false false",
+            "unpriced_calls NULL NULL false false",
         ]
     );
     assert_eq!(

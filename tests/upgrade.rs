@@ -37,7 +37,8 @@ fn data_fingerprint(c: &mut Client) -> Vec<String> {
                       WHERE attrelid = ('usage_agg.' || $1)::regclass AND attnum > 0 AND NOT attisdropped
                         AND attname NOT IN ('fold_mode', 'apply_interval', 'pending_alert_after', 'verify_recent_days', 'repair_drift',
                                             'alert_thresholds', 'quota_log_retention', 'alert_retention', 'monthly_cost_budget',
-                                            'hourly_retention')",
+                                            'hourly_retention', 'input_tokens', 'output_tokens', 'cache_read_tokens',
+                                            'cache_write_tokens', 'price_valid_from')",
                     &[t],
                 )
                 .unwrap()[0]
@@ -300,6 +301,31 @@ fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name
     );
     per_key_tables_are_filled(old);
     hourly_tier_is_filled(old);
+    // Token kinds and prices: the existing calls have none, and keep their
+    // costs (the application's); a call without a cost is priced by the table.
+    assert_eq!(
+        scalar_i64(
+            old,
+            "SELECT count(*) FROM usage_agg.key_usage_logs
+              WHERE price_valid_from IS NOT NULL
+                 OR num_nonnulls(input_tokens, output_tokens, cache_read_tokens, cache_write_tokens) > 0"
+        ),
+        0
+    );
+    old.batch_execute(&format!(
+        "INSERT INTO usage_agg.model_prices (model, valid_from, input_per_mtok) VALUES ('upgrade-model', '2000-01-01Z', 2);
+         INSERT INTO usage_agg.key_usage_logs (user_id, model_used, input_tokens, request_id)
+         VALUES ('{user}', 'upgrade-model', 500000, 'upgrade-priced');"
+    ))
+    .unwrap();
+    assert_eq!(
+        scalar_text(
+            old,
+            "SELECT tokens_used || ' ' || cost_estimate || ' ' || (price_valid_from AT TIME ZONE 'UTC')
+               FROM usage_agg.key_usage_logs WHERE request_id = 'upgrade-priced'"
+        ),
+        Some("500000 1 2000-01-01 00:00:00".to_string())
+    );
     old.batch_execute(&format!(
         "INSERT INTO usage_agg.key_usage_logs (user_id, cost_estimate) VALUES ('{user}', 1);
          UPDATE usage_agg.config SET fold_mode = 'async';
