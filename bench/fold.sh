@@ -20,6 +20,10 @@
 #              per-month turn-taking cost the applier
 #   immediate_budgets  immediate with the same limits: what they cost the
 #              inserting statement
+#   priced     default, but every call reports input and output tokens and no
+#              cost, and is priced from usage_agg.model_prices by the pricing
+#              trigger (insert_priced.pgbench instead of insert_one.pgbench in
+#              the single-row runs): what token kinds and table prices cost
 #
 # Per run: tps, p50/p99 latency, errors, WAL bytes per call (pg_current_wal_lsn
 # before the run and after the applier has drained, so the applier's own WAL
@@ -76,6 +80,8 @@ start_cluster() {  # start_cluster CONFIG
         sql "$c" "UPDATE usage_agg.quota_plans SET daily_cost_limit = 1000000000, monthly_cost_budget = 1000000000" >/dev/null
     done
     has_contender immediate_budgets && sql immediate_budgets "UPDATE usage_agg.config SET fold_mode = 'immediate'" >/dev/null
+    has_contender priced && sql priced "INSERT INTO usage_agg.model_prices (model, valid_from, input_per_mtok, output_per_mtok)
+                                        SELECT 'model-' || m, '2026-01-01', 0.5 * m, 2 * m FROM generate_series(1, 3) m" >/dev/null
     if has_contender nokeys; then
         ua_psql "$PORT" postgres -c "ALTER DATABASE bench_nokeys SET usage_agg.per_key_aggregates = off" >/dev/null
     fi
@@ -89,7 +95,7 @@ start_cluster() {  # start_cluster CONFIG
                                   WHERE backend_type = 'usage_agg applier' AND datname IN ('bench_nokeys', 'bench_nohours')" >/dev/null
     sleep 1
     # The asynchronous contenders must really run so, with their appliers.
-    for c in default nokeys nohours budgets; do
+    for c in default nokeys nohours budgets priced; do
         has_contender "$c" || continue
         for _ in $(seq 1 100); do
             [ "$(sql "$c" "SELECT effective_mode FROM usage_agg.fold_status")" = async ] && break
@@ -100,7 +106,9 @@ start_cluster() {  # start_cluster CONFIG
     done
 }
 has_contender() { [[ " ${CONTENDERS[*]} " == *" $1 "* ]]; }
-is_async() { [ "$1" = default ] || [ "$1" = nokeys ] || [ "$1" = nohours ] || [ "$1" = budgets ]; }
+is_async() { [ "$1" = default ] || [ "$1" = nokeys ] || [ "$1" = nohours ] || [ "$1" = budgets ] || [ "$1" = priced ]; }
+# The single-row script of a contender.
+single_script() { if [ "$1" = priced ]; then echo "$BENCH/insert_priced.pgbench"; else echo "$BENCH/insert_one.pgbench"; fi; }
 trap 'ua_cluster_stop bench; rm -rf "$TMP"' EXIT
 
 reset_tables() {
@@ -131,7 +139,12 @@ check_fold() {  # the aggregates equal the detail (verify_daily_logs is empty)
         [ "$(sql "$1" "SELECT count(*) FROM usage_agg.$table")" = 0 ] \
             || { echo "bench_$1 wrote usage_agg.$table: its setting did not reach every fold" >&2; exit 1; }
     fi
-    case "$1" in default | immediate | budgets | immediate_budgets) ;; *) return 0 ;; esac
+    if [ "$1" = priced ]; then
+        # Every call was priced by the table, none left unpriced.
+        [ "$(sql priced "SELECT count(*) FILTER (WHERE price_valid_from IS NULL) FROM usage_agg.key_usage_logs")" = 0 ] \
+            || { echo "bench_priced has calls the table did not price after $2" >&2; exit 1; }
+    fi
+    case "$1" in default | immediate | budgets | immediate_budgets | priced) ;; *) return 0 ;; esac
     local bad; bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_daily_logs(current_date - 3, current_date + 1)")
     [ "$bad" = 0 ] || { echo "verify_daily_logs found $bad differences in bench_$1 after $2" >&2; exit 1; }
     bad=$(sql "$1" "SELECT count(*) FROM usage_agg.verify_key_daily_logs(current_date - 3, current_date + 1)")
@@ -197,7 +210,7 @@ for cfg in $CONFIGS; do
             has single || break
             for c in "${CONTENDERS[@]}"; do
                 reset_tables "$c"
-                run_pgbench "$cfg" "single_$n" "$c" "$n" "$BENCH/insert_one.pgbench"
+                run_pgbench "$cfg" "single_$n" "$c" "$n" "$(single_script "$c")"
                 check_fold "$c" "single-row inserts"
             done
         done
