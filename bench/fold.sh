@@ -341,6 +341,20 @@ fmt() { awk -v v="$1" -v d="${2:-0}" 'BEGIN { if (v == "") print "-"; else print
                 echo "| $name | $(fmt "$d") | $(fmt "$db") | $(ratio "$db" "$d") | $(fmt "$(get "$cfg" "$w" default 8)") | $(fmt "$(get "$cfg" "$w" budgets 8)") | $(fmt "$(get "$cfg" "$w" default 12)") | $(fmt "$(get "$cfg" "$w" budgets 12)") | $(fmt "$i") | $(fmt "$ib") | $(ratio "$ib" "$i") | $(fmt "$(get "$cfg" "$w" immediate 8)") | $(fmt "$(get "$cfg" "$w" immediate_budgets 8)") |"
             done
         fi
+        if has_contender priced; then
+            echo
+            echo "Token kinds and table prices: priced reports input and output tokens and no cost, and the pricing trigger prices it from model_prices; default gives tokens_used and a cost (single-row runs only). The ratio is the median of the ratios within each round (the machine drifts between rounds):"
+            echo
+            echo "| workload | default tps | priced tps | priced / default | WAL bytes/call | priced | drained after ms | priced |"
+            echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+            for r in "${rows[@]}"; do
+                w="${r%%|*}"; name="${r#*|}"
+                case "$w" in single_*) ;; *) continue ;; esac
+                per_round=$(awk -v g="$cfg" -v w="$w" '$1==g && $2==w && $3=="default" {d[++nd]=$4} $1==g && $2==w && $3=="priced" {p[++np]=$4}
+                                END {for (i = 1; i <= nd && i <= np; i++) if (d[i] > 0) print p[i] / d[i]}' "$RAW" | median)
+                echo "| $name | $(fmt "$(get "$cfg" "$w" default)") | $(fmt "$(get "$cfg" "$w" priced)") | $(awk -v r="$per_round" 'BEGIN { if (r == "") print "-"; else printf "%.2fx", r }') | $(fmt "$(get "$cfg" "$w" default 8)") | $(fmt "$(get "$cfg" "$w" priced 8)") | $(fmt "$(get "$cfg" "$w" default 12)") | $(fmt "$(get "$cfg" "$w" priced 12)") |"
+            done
+        fi
         echo
         echo "Freshness of the default mode (age of the oldest pending call, sampled every 100 ms during the run; time to fold the backlog after the load stopped):"
         echo
