@@ -143,34 +143,35 @@ BEGIN
                   HINT = 'End the range at now() or earlier.';
     END IF;
     LOOP
-        SELECT count(*), (array_agg(b.created_at) FILTER (WHERE b.last))[1],
-               (array_agg(b.id) FILTER (WHERE b.last))[1]
-          INTO v_seen, v_last_at, v_last_id
-          FROM (SELECT l.created_at, l.id,
-                       row_number() OVER (ORDER BY l.created_at DESC, l.id DESC) = 1 AS last
-                  FROM (SELECT l.created_at, l.id
-                          FROM usage_agg.key_usage_logs l
-                         WHERE l.created_at >= "from" AND l.created_at < "to"
-                           AND (l.created_at, l.id) > (v_after_at, v_after_id)
-                           AND (l.cost_estimate IS NULL OR l.price_valid_from IS NOT NULL)
-                         ORDER BY l.created_at, l.id
-                         LIMIT batch_size) l) b;
-        EXIT WHEN v_seen = 0;
-        -- Setting the cost NULL has the pricing trigger price the call again;
-        -- only calls whose cost or price row would change are written.
-        UPDATE usage_agg.key_usage_logs l
-           SET cost_estimate = NULL
-         WHERE l.created_at >= "from" AND l.created_at < "to"
-           AND (l.created_at, l.id) > (v_after_at, v_after_id)
-           AND (l.created_at, l.id) <= (v_last_at, v_last_id)
-           AND (l.cost_estimate IS NULL OR l.price_valid_from IS NOT NULL)
-           AND NOT EXISTS (
-               SELECT 1
-                 FROM usage_agg.call_cost(l.model_used, l.created_at, l.tokens_used, l.input_tokens,
-                                          l.output_tokens, l.cache_read_tokens, l.cache_write_tokens) p
-                WHERE p.cost IS NOT DISTINCT FROM l.cost_estimate
-                  AND p.price_valid_from IS NOT DISTINCT FROM l.price_valid_from);
-        GET DIAGNOSTICS v_rows = ROW_COUNT;
+        -- One batch in created_at order. Only the calls whose cost or price
+        -- row would change are written; setting their cost NULL has the
+        -- pricing trigger price them (an UPDATE that set a new cost with the
+        -- same price_valid_from would read as the application's cost).
+        WITH batch AS (
+            SELECT l.created_at, l.id,
+                   (p.cost, p.price_valid_from) IS DISTINCT FROM (l.cost_estimate, l.price_valid_from) AS changed
+              FROM (SELECT l.*
+                      FROM usage_agg.key_usage_logs l
+                     WHERE l.created_at >= "from" AND l.created_at < "to"
+                       AND (l.created_at, l.id) > (v_after_at, v_after_id)
+                       AND (l.cost_estimate IS NULL OR l.price_valid_from IS NOT NULL)
+                     ORDER BY l.created_at, l.id
+                     LIMIT batch_size) l
+             CROSS JOIN LATERAL usage_agg.call_cost(l.model_used, l.created_at, l.tokens_used, l.input_tokens,
+                                                    l.output_tokens, l.cache_read_tokens, l.cache_write_tokens) p
+        ), written AS (
+            UPDATE usage_agg.key_usage_logs l
+               SET cost_estimate = NULL
+              FROM batch b
+             WHERE b.changed AND l.id = b.id AND l.created_at = b.created_at
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM batch), (SELECT count(*) FROM written), b.created_at, b.id
+          INTO v_seen, v_rows, v_last_at, v_last_id
+          FROM batch b
+         ORDER BY b.created_at DESC, b.id DESC
+         LIMIT 1;
+        EXIT WHEN NOT FOUND;
         v_checked := v_checked + v_seen;
         v_changed := v_changed + v_rows;
         RAISE NOTICE 'usage_agg.reprice_calls: % call(s) checked up to %, % repriced', v_checked, v_last_at, v_changed;
