@@ -109,14 +109,11 @@ fn pg_cron_schedules_and_runs_maintenance() {
         id
     );
     let job = |c: &mut Client| -> Vec<String> {
-        c.query(
+        texts(
+            c,
             "SELECT jobid || ' ' || jobname || ' ' || schedule || ' ' || command || ' ' || database FROM cron.job",
             &[],
         )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
     };
     assert_eq!(
         job(&mut c),

@@ -18,30 +18,24 @@ const U2: &str = "e1000000-0000-0000-0000-000000000002";
 /// Each call of U1 and U2 as "request_id tokens_used cost source", in
 /// request_id order; source is the price row's valid_from (UTC) or "app".
 fn calls(c: &mut Client) -> Vec<String> {
-    c.query(
+    texts(
+        c,
         "SELECT request_id || ' ' || coalesce(tokens_used::text, '-') || ' ' || coalesce(cost_estimate::text, 'NULL') || ' '
                 || coalesce(to_char(price_valid_from AT TIME ZONE 'UTC', 'MM-DD HH24:MI'), 'app')
            FROM usage_agg.key_usage_logs ORDER BY request_id",
         &[],
     )
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// The day rows of a user: "date calls tokens cost".
 fn days(c: &mut Client, user: &str) -> Vec<String> {
-    c.query(
+    texts(
+        c,
         "SELECT date || ' ' || (log_data->>'api_call_count') || ' ' || (log_data#>>'{shared_service_usage,tokens_used}')
                 || ' ' || (log_data#>>'{shared_service_usage,estimated_cost}')
            FROM usage_agg.daily_logs WHERE user_id = $1::text::uuid ORDER BY date",
         &[&user],
     )
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// The aggregates agree with the detail (verify and an independent GROUP BY).
@@ -360,15 +354,12 @@ fn unpriced_calls_are_listed_then_priced_by_reprice_calls() {
             ),
         );
         let listed = |c: &mut Client| -> Vec<String> {
-            c.query(
+            texts(
+                c,
                 "SELECT coalesce(model, '(none)') || ' ' || calls || ' ' || (since AT TIME ZONE 'UTC') || ' ' || has_prices
                    FROM usage_agg.unpriced_calls ORDER BY model NULLS LAST",
                 &[],
             )
-            .unwrap()
-            .iter()
-            .map(|r| r.get(0))
-            .collect()
         };
         let health = "SELECT overdue || ' ' || alert || ' ' || coalesce(last_error, '-')
                         FROM usage_agg.maintenance_health WHERE step = 'unpriced_calls'";

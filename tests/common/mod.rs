@@ -281,6 +281,19 @@ pub fn scalar_text(c: &mut Client, sql: &str) -> Option<String> {
         .get(0)
 }
 
+/// The first (text) column of every row of `sql`.
+pub fn texts(
+    c: &mut Client,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Vec<String> {
+    c.query(sql, params)
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// monthly_used, the sum of granted (unrefunded) amounts since `since`, and the
 /// number of those log rows.
 pub fn three_way(c: &mut Client, user: &str, since: &str) -> (i64, i64, i64) {
