@@ -124,16 +124,18 @@ WITH parts AS (
            (k.log_data->>'last_call_at')::timestamptz AS last_at,
            (k.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
            NULL::timestamptz AS removed_last_at,
-           NULL::timestamptz AS removed_last_failure_at
-      FROM usage_agg.key_daily_logs k
+           NULL::timestamptz AS removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.key_daily_logs k CROSS JOIN LATERAL usage_agg._kinds(k.log_data) kk
     UNION ALL
     SELECT q.shared_key_id, q.day,
            (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
            (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
            (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
            (q.delta->>'last_call_at')::timestamptz, (q.delta->>'last_failure_at')::timestamptz,
-           q.removed_last_at, q.removed_last_failure_at
-      FROM usage_agg.pending_key_deltas q
+           q.removed_last_at, q.removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
      WHERE q.shared_key_id IS NOT NULL
     UNION ALL
     -- day + 0: a filter on the day must not walk the (user_id, day) index,
@@ -145,7 +147,9 @@ WITH parts AS (
                SELECT 1 FROM usage_agg.daily_logs d
                 WHERE d.user_id = p.user_id AND d.date = p.day
                   AND d.log_data->'shared_service_usage'->'by_key' ? p.shared_key_id::text)),
-           max(p.last_at), max(p.last_failure_at), NULL, NULL
+           max(p.last_at), max(p.last_failure_at), NULL, NULL,
+           sum(p.input_tokens), sum(p.output_tokens), sum(p.cache_read_tokens), sum(p.cache_write_tokens),
+           sum(p.unpriced)
       FROM usage_agg.pending_deltas p
      WHERE p.shared_key_id IS NOT NULL
      GROUP BY p.shared_key_id, p.day + 0
@@ -156,7 +160,12 @@ WITH parts AS (
            sum(s.cost) AS cost, sum(s.users)::bigint AS users,
            max(s.last_at) AS last_at, max(s.last_failure_at) AS last_failure_at,
            max(s.removed_last_at) AS removed_last_at,
-           max(s.removed_last_failure_at) AS removed_last_failure_at
+           max(s.removed_last_failure_at) AS removed_last_failure_at,
+           COALESCE(sum(s.input_tokens), 0)::bigint AS input_tokens,
+           COALESCE(sum(s.output_tokens), 0)::bigint AS output_tokens,
+           COALESCE(sum(s.cache_read_tokens), 0)::bigint AS cache_read_tokens,
+           COALESCE(sum(s.cache_write_tokens), 0)::bigint AS cache_write_tokens,
+           COALESCE(sum(s.unpriced_calls), 0)::bigint AS unpriced_calls
       FROM parts s
      GROUP BY s.shared_key_id, s.date
 )
@@ -168,7 +177,8 @@ SELECT s.shared_key_id, s.date,
             ELSE s.last_at END AS last_call_at,
        CASE WHEN s.removed_last_failure_at IS NOT NULL AND NOT COALESCE(s.last_failure_at > s.removed_last_failure_at, false)
             THEN usage_agg._detail_newest(s.shared_key_id, s.date, true)
-            ELSE s.last_failure_at END AS last_failure_at
+            ELSE s.last_failure_at END AS last_failure_at,
+       s.input_tokens, s.output_tokens, s.cache_read_tokens, s.cache_write_tokens, s.unpriced_calls
   FROM summed s;
 COMMENT ON VIEW usage_agg.key_daily_usage IS
     'Usage per shared key and business day across users (exact: pending calls included); users = distinct users of the key that day';
@@ -186,16 +196,18 @@ WITH parts AS (
            (s.log_data->>'last_call_at')::timestamptz AS last_at,
            (s.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
            NULL::timestamptz AS removed_last_at,
-           NULL::timestamptz AS removed_last_failure_at
-      FROM usage_agg.service_daily_logs s
+           NULL::timestamptz AS removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.service_daily_logs s CROSS JOIN LATERAL usage_agg._kinds(s.log_data) kk
     UNION ALL
     SELECT q.day,
            (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
            (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
            (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
            (q.delta->>'last_call_at')::timestamptz, (q.delta->>'last_failure_at')::timestamptz,
-           q.removed_last_at, q.removed_last_failure_at
-      FROM usage_agg.pending_key_deltas q
+           q.removed_last_at, q.removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
      WHERE q.shared_key_id IS NULL
     UNION ALL
     -- day + 0: as in key_daily_usage.
@@ -205,7 +217,9 @@ WITH parts AS (
                SELECT 1 FROM usage_agg.daily_logs d
                 WHERE d.user_id = p.user_id AND d.date = p.day
                   AND d.log_data->'api_call_count' > '0'::jsonb)),
-           max(p.last_at), max(p.last_failure_at), NULL, NULL
+           max(p.last_at), max(p.last_failure_at), NULL, NULL,
+           sum(p.input_tokens), sum(p.output_tokens), sum(p.cache_read_tokens), sum(p.cache_write_tokens),
+           sum(p.unpriced)
       FROM usage_agg.pending_deltas p
      GROUP BY p.day + 0
 ), summed AS (
@@ -215,7 +229,12 @@ WITH parts AS (
            sum(s.cost) AS cost, sum(s.users)::bigint AS users,
            max(s.last_at) AS last_at, max(s.last_failure_at) AS last_failure_at,
            max(s.removed_last_at) AS removed_last_at,
-           max(s.removed_last_failure_at) AS removed_last_failure_at
+           max(s.removed_last_failure_at) AS removed_last_failure_at,
+           COALESCE(sum(s.input_tokens), 0)::bigint AS input_tokens,
+           COALESCE(sum(s.output_tokens), 0)::bigint AS output_tokens,
+           COALESCE(sum(s.cache_read_tokens), 0)::bigint AS cache_read_tokens,
+           COALESCE(sum(s.cache_write_tokens), 0)::bigint AS cache_write_tokens,
+           COALESCE(sum(s.unpriced_calls), 0)::bigint AS unpriced_calls
       FROM parts s
      GROUP BY s.date
 )
@@ -227,7 +246,8 @@ SELECT s.date,
             ELSE s.last_at END AS last_call_at,
        CASE WHEN s.removed_last_failure_at IS NOT NULL AND NOT COALESCE(s.last_failure_at > s.removed_last_failure_at, false)
             THEN usage_agg._detail_newest(NULL, s.date, true)
-            ELSE s.last_failure_at END AS last_failure_at
+            ELSE s.last_failure_at END AS last_failure_at,
+       s.input_tokens, s.output_tokens, s.cache_read_tokens, s.cache_write_tokens, s.unpriced_calls
   FROM summed s;
 COMMENT ON VIEW usage_agg.service_daily_usage IS
     'Usage of the whole service per business day (every call, with or without a key; exact: pending calls included); active_users = distinct users with calls that day';
@@ -236,23 +256,34 @@ COMMENT ON VIEW usage_agg.service_daily_usage IS
 CREATE VIEW usage_agg.key_daily_usage_by_model AS
 SELECT u.shared_key_id, u.date, u.model,
        sum(u.calls)::bigint AS calls, sum(u.failed)::bigint AS failed_calls,
-       sum(u.tokens)::bigint AS tokens_used, sum(u.cost) AS estimated_cost
+       sum(u.tokens)::bigint AS tokens_used, sum(u.cost) AS estimated_cost,
+       sum(u.i)::bigint AS input_tokens, sum(u.o)::bigint AS output_tokens,
+       sum(u.cr)::bigint AS cache_read_tokens, sum(u.cw)::bigint AS cache_write_tokens,
+       sum(u.u)::bigint AS unpriced_calls
   FROM (SELECT k.shared_key_id, k.date, c.key AS model,
                (c.value->>'calls')::bigint AS calls, (c.value->>'failed')::bigint AS failed,
-               (c.value->>'tokens')::bigint AS tokens, (c.value->>'cost')::numeric AS cost
+               (c.value->>'tokens')::bigint AS tokens, (c.value->>'cost')::numeric AS cost,
+               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
           FROM usage_agg.key_daily_logs k CROSS JOIN LATERAL jsonb_each(k.log_data->'by_model') c
+         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
         UNION ALL
         SELECT q.shared_key_id, q.day, c.key,
                (c.value->>'calls')::bigint, (c.value->>'failed')::bigint,
-               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
           FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL jsonb_each(q.delta->'by_model') c
+         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
          WHERE q.shared_key_id IS NOT NULL
         UNION ALL
-        SELECT p.shared_key_id, p.day + 0, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost
+        SELECT p.shared_key_id, p.day + 0, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost,
+               COALESCE(p.input_tokens, 0), COALESCE(p.output_tokens, 0), COALESCE(p.cache_read_tokens, 0),
+               COALESCE(p.cache_write_tokens, 0), COALESCE(p.unpriced, 0)
           FROM usage_agg.pending_deltas p
          WHERE p.shared_key_id IS NOT NULL AND p.model_used IS NOT NULL) u
  GROUP BY u.shared_key_id, u.date, u.model
-HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0;
+HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0
+    OR sum(u.i) <> 0 OR sum(u.o) <> 0 OR sum(u.cr) <> 0 OR sum(u.cw) <> 0 OR sum(u.u) <> 0;
 COMMENT ON VIEW usage_agg.key_daily_usage_by_model IS
     'Usage per shared key, business day and model (exact: pending calls included)';
 
@@ -262,7 +293,10 @@ SELECT u.shared_key_id, u.month,
        sum(u.calls)::bigint AS calls, sum(u.successful_calls)::bigint AS successful_calls,
        sum(u.failed_calls)::bigint AS failed_calls, sum(u.tokens_used)::bigint AS tokens_used,
        sum(u.estimated_cost) AS estimated_cost,
-       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at
+       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
   FROM (SELECT m.shared_key_id, m.month,
                (m.log_data->>'total_calls')::bigint AS calls,
                (m.log_data->>'successful_calls')::bigint AS successful_calls,
@@ -270,12 +304,14 @@ SELECT u.shared_key_id, u.month,
                (m.log_data->>'tokens_used')::bigint AS tokens_used,
                (m.log_data->>'estimated_cost')::numeric AS estimated_cost,
                (m.log_data->>'last_call_at')::timestamptz AS last_call_at,
-               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at
-          FROM usage_agg.key_monthly_logs m
+               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.key_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
         UNION ALL
         SELECT d.shared_key_id, date_trunc('month', d.date::timestamp)::date,
                d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost,
-               d.last_call_at, d.last_failure_at
+               d.last_call_at, d.last_failure_at,
+               d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.key_daily_usage d) u
  GROUP BY u.shared_key_id, u.month;
 COMMENT ON VIEW usage_agg.key_monthly_usage IS
@@ -286,7 +322,10 @@ SELECT u.month,
        sum(u.calls)::bigint AS calls, sum(u.successful_calls)::bigint AS successful_calls,
        sum(u.failed_calls)::bigint AS failed_calls, sum(u.tokens_used)::bigint AS tokens_used,
        sum(u.estimated_cost) AS estimated_cost,
-       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at
+       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
   FROM (SELECT m.month,
                (m.log_data->>'total_calls')::bigint AS calls,
                (m.log_data->>'successful_calls')::bigint AS successful_calls,
@@ -294,12 +333,14 @@ SELECT u.month,
                (m.log_data->>'tokens_used')::bigint AS tokens_used,
                (m.log_data->>'estimated_cost')::numeric AS estimated_cost,
                (m.log_data->>'last_call_at')::timestamptz AS last_call_at,
-               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at
-          FROM usage_agg.service_monthly_logs m
+               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.service_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
         UNION ALL
         SELECT date_trunc('month', d.date::timestamp)::date,
                d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost,
-               d.last_call_at, d.last_failure_at
+               d.last_call_at, d.last_failure_at,
+               d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.service_daily_usage d) u
  GROUP BY u.month;
 COMMENT ON VIEW usage_agg.service_monthly_usage IS
@@ -549,7 +590,9 @@ AS $$
         SELECT usage_agg._timezone() AS name
     ), calls AS (
         SELECT k.shared_key_id, (k.created_at AT TIME ZONE tz.name)::date AS day, k.user_id,
-               k.model_used, k.success, k.tokens_used, k.cost_estimate, k.created_at
+               k.model_used, k.success, k.tokens_used, k.cost_estimate, k.created_at,
+               k.input_tokens::bigint AS i, k.output_tokens::bigint AS o, k.cache_read_tokens::bigint AS cr,
+               k.cache_write_tokens::bigint AS cw, CASE WHEN k.cost_estimate IS NULL THEN 1 ELSE 0 END AS u
           FROM usage_agg.key_usage_logs k, tz
          WHERE k.created_at >= usage_agg._day_start(p_from, tz.name)
            AND k.created_at <  usage_agg._day_start(p_to + 1, tz.name)
@@ -562,15 +605,17 @@ AS $$
                count(*) AS calls, count(*) FILTER (WHERE s.success) AS successful,
                COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost,
                count(DISTINCT s.user_id) AS users, max(s.created_at) AS last_at,
-               max(s.created_at) FILTER (WHERE NOT s.success) AS last_failure_at
+               max(s.created_at) FILTER (WHERE NOT s.success) AS last_failure_at,
+               usage_agg._kinds_json(sum(s.i), sum(s.o), sum(s.cr), sum(s.cw), sum(s.u)) AS kinds
           FROM scoped s GROUP BY s.scope_key, s.day
     ), per_model AS (
         SELECT m.scope_key, m.day,
                jsonb_object_agg(m.model_used, jsonb_build_object(
-                   'calls', m.calls, 'failed', m.failed, 'tokens', m.tokens, 'cost', m.cost)) AS by_model
+                   'calls', m.calls, 'failed', m.failed, 'tokens', m.tokens, 'cost', m.cost) || m.kinds) AS by_model
           FROM (SELECT s.scope_key, s.day, s.model_used, count(*) AS calls,
                        count(*) FILTER (WHERE NOT s.success) AS failed,
-                       COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost
+                       COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost,
+                       usage_agg._kinds_json(sum(s.i), sum(s.o), sum(s.cr), sum(s.cw), sum(s.u)) AS kinds
                   FROM scoped s WHERE s.model_used IS NOT NULL
                  GROUP BY s.scope_key, s.day, s.model_used) m
          GROUP BY m.scope_key, m.day
@@ -582,7 +627,7 @@ AS $$
                'estimated_cost', d.cost, 'users', d.users,
                'by_model', COALESCE(m.by_model, '{}'::jsonb),
                'last_call_at', usage_agg._iso_utc(d.last_at),
-               'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+               'last_failure_at', usage_agg._iso_utc(d.last_failure_at)) || d.kinds
       FROM per_day d
       LEFT JOIN per_model m ON m.scope_key IS NOT DISTINCT FROM d.scope_key AND m.day = d.day
 $$;
@@ -608,32 +653,46 @@ BEGIN
     ), models AS (
         SELECT m.shared_key_id, m.date,
                jsonb_object_agg(m.model, jsonb_build_object('calls', m.calls, 'failed', m.failed_calls,
-                                'tokens', m.tokens_used, 'cost', m.estimated_cost)) AS by_model
+                                'tokens', m.tokens_used, 'cost', m.estimated_cost)
+                                || usage_agg._kinds_json(m.input_tokens, m.output_tokens, m.cache_read_tokens,
+                                                         m.cache_write_tokens, m.unpriced_calls)) AS by_model
           FROM usage_agg.key_daily_usage_by_model m
          WHERE m.date BETWEEN v_from AND p_to
          GROUP BY m.shared_key_id, m.date
     ), service_models AS (
         SELECT m.date,
                jsonb_object_agg(m.model, jsonb_build_object('calls', m.calls, 'failed', m.failed,
-                                'tokens', m.tokens, 'cost', m.cost)) AS by_model
+                                'tokens', m.tokens, 'cost', m.cost)
+                                || usage_agg._kinds_json(m.i, m.o, m.cr, m.cw, m.u)) AS by_model
           FROM (SELECT u.date, u.model, sum(u.calls) AS calls, sum(u.failed) AS failed,
-                       sum(u.tokens) AS tokens, sum(u.cost) AS cost
+                       sum(u.tokens) AS tokens, sum(u.cost) AS cost,
+                       sum(u.i) AS i, sum(u.o) AS o, sum(u.cr) AS cr, sum(u.cw) AS cw, sum(u.u) AS u
                   FROM (SELECT s.date, c.key AS model, (c.value->>'calls')::bigint AS calls,
                                (c.value->>'failed')::bigint AS failed, (c.value->>'tokens')::bigint AS tokens,
-                               (c.value->>'cost')::numeric AS cost
+                               (c.value->>'cost')::numeric AS cost,
+                               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+                               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
                           FROM usage_agg.service_daily_logs s CROSS JOIN LATERAL jsonb_each(s.log_data->'by_model') c
+                         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
                          WHERE s.date BETWEEN v_from AND p_to
                         UNION ALL
                         SELECT q.day, c.key, (c.value->>'calls')::bigint, (c.value->>'failed')::bigint,
-                               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+                               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric,
+                               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens,
+                               kk.unpriced_calls
                           FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL jsonb_each(q.delta->'by_model') c
+                         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
                          WHERE q.shared_key_id IS NULL AND q.day BETWEEN v_from AND p_to
                         UNION ALL
-                        SELECT p.day, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost
+                        SELECT p.day, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost,
+                               COALESCE(p.input_tokens, 0), COALESCE(p.output_tokens, 0),
+                               COALESCE(p.cache_read_tokens, 0), COALESCE(p.cache_write_tokens, 0),
+                               COALESCE(p.unpriced, 0)
                           FROM usage_agg.pending_deltas p
                          WHERE p.model_used IS NOT NULL AND p.day BETWEEN v_from AND p_to) u
                  GROUP BY u.date, u.model
-                HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0) m
+                HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0
+                    OR sum(u.i) <> 0 OR sum(u.o) <> 0 OR sum(u.cr) <> 0 OR sum(u.cw) <> 0 OR sum(u.u) <> 0) m
          GROUP BY m.date
     ), stored AS (
         SELECT d.shared_key_id, d.date,
@@ -643,7 +702,9 @@ BEGIN
                    'estimated_cost', d.estimated_cost, 'users', d.users,
                    'by_model', COALESCE(m.by_model, '{}'::jsonb),
                    'last_call_at', usage_agg._iso_utc(d.last_call_at),
-                   'last_failure_at', usage_agg._iso_utc(d.last_failure_at)) AS log_data
+                   'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+               || usage_agg._kinds_json(d.input_tokens, d.output_tokens, d.cache_read_tokens,
+                                        d.cache_write_tokens, d.unpriced_calls) AS log_data
           FROM usage_agg.key_daily_usage d
           LEFT JOIN models m ON m.shared_key_id = d.shared_key_id AND m.date = d.date
          WHERE d.date BETWEEN v_from AND p_to
@@ -656,6 +717,8 @@ BEGIN
                    'by_model', COALESCE(m.by_model, '{}'::jsonb),
                    'last_call_at', usage_agg._iso_utc(d.last_call_at),
                    'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+               || usage_agg._kinds_json(d.input_tokens, d.output_tokens, d.cache_read_tokens,
+                                        d.cache_write_tokens, d.unpriced_calls)
           FROM usage_agg.service_daily_usage d
           LEFT JOIN service_models m ON m.date = d.date
          WHERE d.date BETWEEN v_from AND p_to
@@ -671,7 +734,8 @@ BEGIN
       FROM pairs p
      CROSS JOIN LATERAL (VALUES ('total_calls'), ('successful_calls'), ('failed_calls'), ('tokens_used'),
                                 ('estimated_cost'), ('users'), ('by_model'), ('last_call_at'),
-                                ('last_failure_at')) AS f(field)
+                                ('last_failure_at'), ('input_tokens'), ('output_tokens'),
+                                ('cache_read_tokens'), ('cache_write_tokens'), ('unpriced_calls')) AS f(field)
      WHERE (p.a->f.field) IS DISTINCT FROM (p.x->f.field)
      ORDER BY p.date, p.shared_key_id NULLS FIRST, f.field;
 END;
@@ -763,7 +827,7 @@ BEGIN
                'tokens_used', sum(c.tokens), 'estimated_cost', sum(c.cost),
                'users', count(*), 'by_model', '{}'::jsonb, 'last_call_at', NULL, 'last_failure_at', NULL,
                'recovered_from', 'daily_logs.by_key')
-      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_key') c
+      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._document_cells(d.log_data, 'by_key') c
      WHERE d.date < p_before
        AND c.calls > 0
        AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
@@ -786,7 +850,7 @@ BEGIN
                                        FROM (SELECT c.name AS model, sum(c.calls) AS calls,
                                                     sum(c.tokens) AS tokens, sum(c.cost) AS cost
                                                FROM usage_agg.daily_logs u
-                                              CROSS JOIN LATERAL usage_agg._cells(u.log_data, 'by_model') c
+                                              CROSS JOIN LATERAL usage_agg._document_cells(u.log_data, 'by_model') c
                                               WHERE u.date = d.date
                                               GROUP BY c.name) m), '{}'::jsonb),
                'last_call_at', usage_agg._iso_utc(max(t.last_api_call_at)),

@@ -138,7 +138,8 @@ SELECT d.user_id,
        t.cost AS estimated_cost,
        CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'keys_used') = 'array'
             THEN jsonb_array_length(d.log_data->'shared_service_usage'->'keys_used') ELSE 0 END AS keys_used,
-       t.last_api_call_at
+       t.last_api_call_at,
+       t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.unpriced_calls
   FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t;
 COMMENT ON VIEW usage_agg.daily_usage IS 'daily_logs as plain columns (one row per user and business day)';
 
@@ -150,44 +151,55 @@ SELECT u.user_id, u.month,
        sum(u.failed_calls)::bigint AS failed_calls,
        sum(u.tokens_used)::bigint AS tokens_used,
        sum(u.estimated_cost) AS estimated_cost,
-       max(u.last_api_call_at) AS last_api_call_at
+       max(u.last_api_call_at) AS last_api_call_at,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
   FROM (SELECT m.user_id, m.month, t.calls, t.successful AS successful_calls, t.failed AS failed_calls,
-               t.tokens AS tokens_used, t.cost AS estimated_cost, t.last_api_call_at
+               t.tokens AS tokens_used, t.cost AS estimated_cost, t.last_api_call_at,
+               t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.unpriced_calls
           FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
         UNION ALL
         SELECT d.user_id, date_trunc('month', d.date::timestamp)::date,
-               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost, d.last_api_call_at
+               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost, d.last_api_call_at,
+               d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.daily_usage d) u
  GROUP BY u.user_id, u.month;
 COMMENT ON VIEW usage_agg.monthly_usage IS
     'Usage per user and calendar month (business time zone): monthly_logs plus the daily_logs days not rolled up yet';
 
 CREATE VIEW usage_agg.daily_usage_by_model AS
-SELECT d.user_id, d.date, c.name AS model, c.calls, c.tokens, c.cost
-  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_model') c;
+SELECT d.user_id, d.date, c.name AS model, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._document_cells(d.log_data, 'by_model') c;
 COMMENT ON VIEW usage_agg.daily_usage_by_model IS 'One row per user, business day and model';
 
 CREATE VIEW usage_agg.daily_usage_by_key AS
-SELECT d.user_id, d.date, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost
-  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_key') c;
+SELECT d.user_id, d.date, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._document_cells(d.log_data, 'by_key') c;
 COMMENT ON VIEW usage_agg.daily_usage_by_key IS 'One row per user, business day and shared key';
 
 CREATE VIEW usage_agg.monthly_usage_by_model AS
-SELECT u.user_id, u.month, u.model, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost
-  FROM (SELECT m.user_id, m.month, c.name AS model, c.calls, c.tokens, c.cost
-          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._cells(m.log_data, 'by_model') c
+SELECT u.user_id, u.month, u.model, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
+  FROM (SELECT m.user_id, m.month, c.name AS model, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._document_cells(m.log_data, 'by_model') c
         UNION ALL
-        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.model, d.calls, d.tokens, d.cost
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.model, d.calls, d.tokens, d.cost, d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.daily_usage_by_model d) u
  GROUP BY u.user_id, u.month, u.model;
 COMMENT ON VIEW usage_agg.monthly_usage_by_model IS 'One row per user, calendar month and model';
 
 CREATE VIEW usage_agg.monthly_usage_by_key AS
-SELECT u.user_id, u.month, u.shared_key_id, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost
-  FROM (SELECT m.user_id, m.month, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost
-          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._cells(m.log_data, 'by_key') c
+SELECT u.user_id, u.month, u.shared_key_id, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
+  FROM (SELECT m.user_id, m.month, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._document_cells(m.log_data, 'by_key') c
         UNION ALL
-        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.shared_key_id, d.calls, d.tokens, d.cost
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.shared_key_id, d.calls, d.tokens, d.cost, d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.daily_usage_by_key d) u
  GROUP BY u.user_id, u.month, u.shared_key_id;
 COMMENT ON VIEW usage_agg.monthly_usage_by_key IS 'One row per user, calendar month and shared key';

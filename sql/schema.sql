@@ -201,7 +201,14 @@ CREATE TABLE usage_agg.pending_deltas (
     last_at       timestamptz NOT NULL,
     appended_at   timestamptz NOT NULL DEFAULT now(),
     -- Newest failed call among them (NULL: none failed); added in 0.4.0.
-    last_failure_at timestamptz
+    last_failure_at timestamptz,
+    -- Tokens by kind and calls without a cost (0.4.0); NULL stands for 0, so
+    -- that calls which report none cost no space.
+    input_tokens       bigint,
+    output_tokens      bigint,
+    cache_read_tokens  bigint,
+    cache_write_tokens bigint,
+    unpriced           integer
 ) WITH (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 10000,
         autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000);
 -- Every row is deleted soon after it is written: vacuum it by count, not by size.
@@ -318,7 +325,8 @@ SELECT pg_catalog.pg_extension_config_dump('usage_agg.retention_horizon', '');
 -- object around it).
 CREATE FUNCTION usage_agg._totals(log_data jsonb)
 RETURNS TABLE (calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric,
-               last_api_call_at timestamptz)
+               last_api_call_at timestamptz, input_tokens bigint, output_tokens bigint,
+               cache_read_tokens bigint, cache_write_tokens bigint, unpriced_calls bigint)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT (log_data->>'api_call_count')::bigint,
@@ -326,17 +334,58 @@ BEGIN ATOMIC
            (log_data#>>'{shared_service_usage,failed_calls}')::bigint,
            (log_data#>>'{shared_service_usage,tokens_used}')::bigint,
            (log_data#>>'{shared_service_usage,estimated_cost}')::numeric,
-           (log_data->>'last_api_call_at')::timestamptz;
+           (log_data->>'last_api_call_at')::timestamptz,
+           COALESCE((log_data#>>'{shared_service_usage,input_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,output_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,cache_read_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,cache_write_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,unpriced_calls}')::bigint, 0);
+END;
+
+-- The sparse counters of a document object (shared_service_usage, a cell, a
+-- per-key document): tokens by kind and calls without a cost, 0 when absent.
+-- Bound and inlined like _totals.
+CREATE FUNCTION usage_agg._kinds(counters jsonb)
+RETURNS TABLE (input_tokens bigint, output_tokens bigint, cache_read_tokens bigint,
+               cache_write_tokens bigint, unpriced_calls bigint)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT COALESCE((counters->>'input_tokens')::bigint, 0),
+           COALESCE((counters->>'output_tokens')::bigint, 0),
+           COALESCE((counters->>'cache_read_tokens')::bigint, 0),
+           COALESCE((counters->>'cache_write_tokens')::bigint, 0),
+           COALESCE((counters->>'unpriced_calls')::bigint, 0);
+END;
+
+-- The sparse counters as the fold writes them: only those that are not zero.
+-- (numeric: what sum() of bigint gives.)
+CREATE FUNCTION usage_agg._kinds_json(input_tokens numeric, output_tokens numeric, cache_read_tokens numeric,
+                                      cache_write_tokens numeric, unpriced_calls numeric)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+               'input_tokens', NULLIF(input_tokens, 0),
+               'output_tokens', NULLIF(output_tokens, 0),
+               'cache_read_tokens', NULLIF(cache_read_tokens, 0),
+               'cache_write_tokens', NULLIF(cache_write_tokens, 0),
+               'unpriced_calls', NULLIF(unpriced_calls, 0)));
 END;
 
 -- The by_model / by_key cells of a document as rows (name, calls, tokens,
--- cost); none when the document has no such object. Bound and inlined like
--- _totals.
-CREATE FUNCTION usage_agg._cells(log_data jsonb, kind text)
-RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric)
+-- cost, the sparse counters); none when the document has no such object.
+-- Bound and inlined like _totals.
+CREATE FUNCTION usage_agg._document_cells(log_data jsonb, kind text)
+RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric, input_tokens bigint,
+               output_tokens bigint, cache_read_tokens bigint, cache_write_tokens bigint,
+               unpriced_calls bigint)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
-    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric,
+           COALESCE((c.value->>'input_tokens')::bigint, 0), COALESCE((c.value->>'output_tokens')::bigint, 0),
+           COALESCE((c.value->>'cache_read_tokens')::bigint, 0),
+           COALESCE((c.value->>'cache_write_tokens')::bigint, 0),
+           COALESCE((c.value->>'unpriced_calls')::bigint, 0)
       FROM jsonb_each(CASE WHEN jsonb_typeof(log_data->'shared_service_usage'->kind) = 'object'
                            THEN log_data->'shared_service_usage'->kind ELSE '{}'::jsonb END) c;
 END;

@@ -21,12 +21,18 @@ LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
 ALTER TABLE usage_agg.pending_deltas ADD COLUMN last_failure_at timestamptz;
 -- One row per call (all but bulk groups): exact; a bulk group: its newest call.
 UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful < calls;
+-- Tokens by kind and calls without a cost (NULL: 0). A pending call of 0.3.0
+-- does not say whether its cost was NULL: the update folds those calls below
+-- and counts unpriced calls from the detail instead.
+ALTER TABLE usage_agg.pending_deltas ADD COLUMN input_tokens bigint, ADD COLUMN output_tokens bigint,
+    ADD COLUMN cache_read_tokens bigint, ADD COLUMN cache_write_tokens bigint, ADD COLUMN unpriced integer;
 
 -- The totals and cells of a user's document read in one place each, inlined
 -- into the queries that read them (budgets.sql and keys.sql below use them).
 CREATE FUNCTION usage_agg._totals(log_data jsonb)
 RETURNS TABLE (calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric,
-               last_api_call_at timestamptz)
+               last_api_call_at timestamptz, input_tokens bigint, output_tokens bigint,
+               cache_read_tokens bigint, cache_write_tokens bigint, unpriced_calls bigint)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
     SELECT (log_data->>'api_call_count')::bigint,
@@ -34,16 +40,123 @@ BEGIN ATOMIC
            (log_data#>>'{shared_service_usage,failed_calls}')::bigint,
            (log_data#>>'{shared_service_usage,tokens_used}')::bigint,
            (log_data#>>'{shared_service_usage,estimated_cost}')::numeric,
-           (log_data->>'last_api_call_at')::timestamptz;
+           (log_data->>'last_api_call_at')::timestamptz,
+           COALESCE((log_data#>>'{shared_service_usage,input_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,output_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,cache_read_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,cache_write_tokens}')::bigint, 0),
+           COALESCE((log_data#>>'{shared_service_usage,unpriced_calls}')::bigint, 0);
 END;
-CREATE OR REPLACE FUNCTION usage_agg._cells(log_data jsonb, kind text)
-RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric)
+CREATE FUNCTION usage_agg._document_cells(log_data jsonb, kind text)
+RETURNS TABLE (name text, calls bigint, tokens bigint, cost numeric, input_tokens bigint,
+               output_tokens bigint, cache_read_tokens bigint, cache_write_tokens bigint,
+               unpriced_calls bigint)
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 BEGIN ATOMIC
-    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+    SELECT c.key, (c.value->>'calls')::bigint, (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric,
+           COALESCE((c.value->>'input_tokens')::bigint, 0), COALESCE((c.value->>'output_tokens')::bigint, 0),
+           COALESCE((c.value->>'cache_read_tokens')::bigint, 0),
+           COALESCE((c.value->>'cache_write_tokens')::bigint, 0),
+           COALESCE((c.value->>'unpriced_calls')::bigint, 0)
       FROM jsonb_each(CASE WHEN jsonb_typeof(log_data->'shared_service_usage'->kind) = 'object'
                            THEN log_data->'shared_service_usage'->kind ELSE '{}'::jsonb END) c;
 END;
+CREATE FUNCTION usage_agg._kinds(counters jsonb)
+RETURNS TABLE (input_tokens bigint, output_tokens bigint, cache_read_tokens bigint,
+               cache_write_tokens bigint, unpriced_calls bigint)
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT COALESCE((counters->>'input_tokens')::bigint, 0),
+           COALESCE((counters->>'output_tokens')::bigint, 0),
+           COALESCE((counters->>'cache_read_tokens')::bigint, 0),
+           COALESCE((counters->>'cache_write_tokens')::bigint, 0),
+           COALESCE((counters->>'unpriced_calls')::bigint, 0);
+END;
+CREATE FUNCTION usage_agg._kinds_json(input_tokens numeric, output_tokens numeric, cache_read_tokens numeric,
+                                      cache_write_tokens numeric, unpriced_calls numeric)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+    SELECT jsonb_strip_nulls(jsonb_build_object(
+               'input_tokens', NULLIF(input_tokens, 0),
+               'output_tokens', NULLIF(output_tokens, 0),
+               'cache_read_tokens', NULLIF(cache_read_tokens, 0),
+               'cache_write_tokens', NULLIF(cache_write_tokens, 0),
+               'unpriced_calls', NULLIF(unpriced_calls, 0)));
+END;
+CREATE OR REPLACE FUNCTION usage_agg._aggregates(p_from date, p_to date)
+RETURNS TABLE (source text, user_id uuid, date date, log_data jsonb)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH tz AS (
+        SELECT usage_agg._timezone() AS name
+    ), calls AS (
+        SELECT 'detail' AS source, k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS day,
+               k.model_used, k.shared_key_id, 1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok,
+               k.tokens_used::bigint AS tokens, k.cost_estimate AS cost, k.created_at AS at,
+               k.input_tokens::bigint AS i, k.output_tokens::bigint AS o, k.cache_read_tokens::bigint AS cr,
+               k.cache_write_tokens::bigint AS cw, CASE WHEN k.cost_estimate IS NULL THEN 1 ELSE 0 END AS u
+          FROM usage_agg.key_usage_logs k, tz
+         WHERE k.created_at >= usage_agg._day_start(p_from, tz.name)
+           AND k.created_at <  usage_agg._day_start(p_to + 1, tz.name)
+        UNION ALL
+        SELECT 'pending', p.user_id, p.day, p.model_used, p.shared_key_id, p.calls, p.successful,
+               p.tokens, p.cost, p.last_at,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
+          FROM usage_agg.pending_deltas p
+         WHERE p.day BETWEEN p_from AND p_to
+    ), per_day AS (
+        SELECT c.source, c.user_id, c.day,
+               sum(c.n) AS calls,
+               sum(c.ok) AS successful,
+               sum(c.n - c.ok) AS failed,
+               COALESCE(sum(c.tokens), 0) AS tokens,
+               COALESCE(sum(c.cost), 0) AS cost,
+               max(c.at) AS last_at,
+               usage_agg._kinds_json(sum(c.i), sum(c.o), sum(c.cr), sum(c.cw), sum(c.u)) AS kinds
+          FROM calls c GROUP BY c.source, c.user_id, c.day
+    ), per_model AS (
+        SELECT m.source, m.user_id, m.day,
+               jsonb_object_agg(m.model_used, jsonb_build_object(
+                   'calls', m.calls, 'tokens', m.tokens, 'cost', m.cost) || m.kinds) AS by_model
+          FROM (SELECT c.source, c.user_id, c.day, c.model_used, sum(c.n) AS calls,
+                       COALESCE(sum(c.tokens), 0) AS tokens,
+                       COALESCE(sum(c.cost), 0) AS cost,
+                       usage_agg._kinds_json(sum(c.i), sum(c.o), sum(c.cr), sum(c.cw), sum(c.u)) AS kinds
+                  FROM calls c WHERE c.model_used IS NOT NULL
+                 GROUP BY c.source, c.user_id, c.day, c.model_used) m
+         GROUP BY m.source, m.user_id, m.day
+    ), per_key AS (
+        SELECT k.source, k.user_id, k.day,
+               jsonb_agg(k.key ORDER BY k.key) AS keys_used,
+               jsonb_object_agg(k.key, jsonb_build_object(
+                   'calls', k.calls, 'tokens', k.tokens, 'cost', k.cost) || k.kinds) AS by_key
+          FROM (SELECT c.source, c.user_id, c.day, c.shared_key_id::text AS key, sum(c.n) AS calls,
+                       COALESCE(sum(c.tokens), 0) AS tokens,
+                       COALESCE(sum(c.cost), 0) AS cost,
+                       usage_agg._kinds_json(sum(c.i), sum(c.o), sum(c.cr), sum(c.cw), sum(c.u)) AS kinds
+                  FROM calls c WHERE c.shared_key_id IS NOT NULL
+                 GROUP BY c.source, c.user_id, c.day, c.shared_key_id) k
+         GROUP BY k.source, k.user_id, k.day
+    )
+    SELECT d.source, d.user_id, d.day,
+           jsonb_build_object(
+               'api_call_count', d.calls,
+               'shared_service_usage', jsonb_build_object(
+                   'total_calls', d.calls,
+                   'successful_calls', d.successful,
+                   'failed_calls', d.failed,
+                   'tokens_used', d.tokens,
+                   'estimated_cost', d.cost,
+                   'keys_used', COALESCE(k.keys_used, '[]'::jsonb),
+                   'by_model', COALESCE(m.by_model, '{}'::jsonb),
+                   'by_key', COALESCE(k.by_key, '{}'::jsonb)) || d.kinds,
+               'last_api_call_at', usage_agg._iso_utc(d.last_at))
+      FROM per_day d
+      LEFT JOIN per_model m ON m.source = d.source AND m.user_id = d.user_id AND m.day = d.day
+      LEFT JOIN per_key k ON k.source = d.source AND k.user_id = d.user_id AND k.day = d.day
+$$;
 -- The days of a range that still have detail, for verify and rebuild.
 CREATE FUNCTION usage_agg._detail_from(p_from date, p_to date) RETURNS date
 LANGUAGE plpgsql STABLE
@@ -208,16 +321,18 @@ WITH parts AS (
            (k.log_data->>'last_call_at')::timestamptz AS last_at,
            (k.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
            NULL::timestamptz AS removed_last_at,
-           NULL::timestamptz AS removed_last_failure_at
-      FROM usage_agg.key_daily_logs k
+           NULL::timestamptz AS removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.key_daily_logs k CROSS JOIN LATERAL usage_agg._kinds(k.log_data) kk
     UNION ALL
     SELECT q.shared_key_id, q.day,
            (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
            (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
            (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
            (q.delta->>'last_call_at')::timestamptz, (q.delta->>'last_failure_at')::timestamptz,
-           q.removed_last_at, q.removed_last_failure_at
-      FROM usage_agg.pending_key_deltas q
+           q.removed_last_at, q.removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
      WHERE q.shared_key_id IS NOT NULL
     UNION ALL
     -- day + 0: a filter on the day must not walk the (user_id, day) index,
@@ -229,7 +344,9 @@ WITH parts AS (
                SELECT 1 FROM usage_agg.daily_logs d
                 WHERE d.user_id = p.user_id AND d.date = p.day
                   AND d.log_data->'shared_service_usage'->'by_key' ? p.shared_key_id::text)),
-           max(p.last_at), max(p.last_failure_at), NULL, NULL
+           max(p.last_at), max(p.last_failure_at), NULL, NULL,
+           sum(p.input_tokens), sum(p.output_tokens), sum(p.cache_read_tokens), sum(p.cache_write_tokens),
+           sum(p.unpriced)
       FROM usage_agg.pending_deltas p
      WHERE p.shared_key_id IS NOT NULL
      GROUP BY p.shared_key_id, p.day + 0
@@ -240,7 +357,12 @@ WITH parts AS (
            sum(s.cost) AS cost, sum(s.users)::bigint AS users,
            max(s.last_at) AS last_at, max(s.last_failure_at) AS last_failure_at,
            max(s.removed_last_at) AS removed_last_at,
-           max(s.removed_last_failure_at) AS removed_last_failure_at
+           max(s.removed_last_failure_at) AS removed_last_failure_at,
+           COALESCE(sum(s.input_tokens), 0)::bigint AS input_tokens,
+           COALESCE(sum(s.output_tokens), 0)::bigint AS output_tokens,
+           COALESCE(sum(s.cache_read_tokens), 0)::bigint AS cache_read_tokens,
+           COALESCE(sum(s.cache_write_tokens), 0)::bigint AS cache_write_tokens,
+           COALESCE(sum(s.unpriced_calls), 0)::bigint AS unpriced_calls
       FROM parts s
      GROUP BY s.shared_key_id, s.date
 )
@@ -252,7 +374,8 @@ SELECT s.shared_key_id, s.date,
             ELSE s.last_at END AS last_call_at,
        CASE WHEN s.removed_last_failure_at IS NOT NULL AND NOT COALESCE(s.last_failure_at > s.removed_last_failure_at, false)
             THEN usage_agg._detail_newest(s.shared_key_id, s.date, true)
-            ELSE s.last_failure_at END AS last_failure_at
+            ELSE s.last_failure_at END AS last_failure_at,
+       s.input_tokens, s.output_tokens, s.cache_read_tokens, s.cache_write_tokens, s.unpriced_calls
   FROM summed s;
 COMMENT ON VIEW usage_agg.key_daily_usage IS
     'Usage per shared key and business day across users (exact: pending calls included); users = distinct users of the key that day';
@@ -270,16 +393,18 @@ WITH parts AS (
            (s.log_data->>'last_call_at')::timestamptz AS last_at,
            (s.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
            NULL::timestamptz AS removed_last_at,
-           NULL::timestamptz AS removed_last_failure_at
-      FROM usage_agg.service_daily_logs s
+           NULL::timestamptz AS removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.service_daily_logs s CROSS JOIN LATERAL usage_agg._kinds(s.log_data) kk
     UNION ALL
     SELECT q.day,
            (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
            (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
            (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
            (q.delta->>'last_call_at')::timestamptz, (q.delta->>'last_failure_at')::timestamptz,
-           q.removed_last_at, q.removed_last_failure_at
-      FROM usage_agg.pending_key_deltas q
+           q.removed_last_at, q.removed_last_failure_at,
+           kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+      FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
      WHERE q.shared_key_id IS NULL
     UNION ALL
     -- day + 0: as in key_daily_usage.
@@ -289,7 +414,9 @@ WITH parts AS (
                SELECT 1 FROM usage_agg.daily_logs d
                 WHERE d.user_id = p.user_id AND d.date = p.day
                   AND d.log_data->'api_call_count' > '0'::jsonb)),
-           max(p.last_at), max(p.last_failure_at), NULL, NULL
+           max(p.last_at), max(p.last_failure_at), NULL, NULL,
+           sum(p.input_tokens), sum(p.output_tokens), sum(p.cache_read_tokens), sum(p.cache_write_tokens),
+           sum(p.unpriced)
       FROM usage_agg.pending_deltas p
      GROUP BY p.day + 0
 ), summed AS (
@@ -299,7 +426,12 @@ WITH parts AS (
            sum(s.cost) AS cost, sum(s.users)::bigint AS users,
            max(s.last_at) AS last_at, max(s.last_failure_at) AS last_failure_at,
            max(s.removed_last_at) AS removed_last_at,
-           max(s.removed_last_failure_at) AS removed_last_failure_at
+           max(s.removed_last_failure_at) AS removed_last_failure_at,
+           COALESCE(sum(s.input_tokens), 0)::bigint AS input_tokens,
+           COALESCE(sum(s.output_tokens), 0)::bigint AS output_tokens,
+           COALESCE(sum(s.cache_read_tokens), 0)::bigint AS cache_read_tokens,
+           COALESCE(sum(s.cache_write_tokens), 0)::bigint AS cache_write_tokens,
+           COALESCE(sum(s.unpriced_calls), 0)::bigint AS unpriced_calls
       FROM parts s
      GROUP BY s.date
 )
@@ -311,7 +443,8 @@ SELECT s.date,
             ELSE s.last_at END AS last_call_at,
        CASE WHEN s.removed_last_failure_at IS NOT NULL AND NOT COALESCE(s.last_failure_at > s.removed_last_failure_at, false)
             THEN usage_agg._detail_newest(NULL, s.date, true)
-            ELSE s.last_failure_at END AS last_failure_at
+            ELSE s.last_failure_at END AS last_failure_at,
+       s.input_tokens, s.output_tokens, s.cache_read_tokens, s.cache_write_tokens, s.unpriced_calls
   FROM summed s;
 COMMENT ON VIEW usage_agg.service_daily_usage IS
     'Usage of the whole service per business day (every call, with or without a key; exact: pending calls included); active_users = distinct users with calls that day';
@@ -320,23 +453,34 @@ COMMENT ON VIEW usage_agg.service_daily_usage IS
 CREATE VIEW usage_agg.key_daily_usage_by_model AS
 SELECT u.shared_key_id, u.date, u.model,
        sum(u.calls)::bigint AS calls, sum(u.failed)::bigint AS failed_calls,
-       sum(u.tokens)::bigint AS tokens_used, sum(u.cost) AS estimated_cost
+       sum(u.tokens)::bigint AS tokens_used, sum(u.cost) AS estimated_cost,
+       sum(u.i)::bigint AS input_tokens, sum(u.o)::bigint AS output_tokens,
+       sum(u.cr)::bigint AS cache_read_tokens, sum(u.cw)::bigint AS cache_write_tokens,
+       sum(u.u)::bigint AS unpriced_calls
   FROM (SELECT k.shared_key_id, k.date, c.key AS model,
                (c.value->>'calls')::bigint AS calls, (c.value->>'failed')::bigint AS failed,
-               (c.value->>'tokens')::bigint AS tokens, (c.value->>'cost')::numeric AS cost
+               (c.value->>'tokens')::bigint AS tokens, (c.value->>'cost')::numeric AS cost,
+               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
           FROM usage_agg.key_daily_logs k CROSS JOIN LATERAL jsonb_each(k.log_data->'by_model') c
+         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
         UNION ALL
         SELECT q.shared_key_id, q.day, c.key,
                (c.value->>'calls')::bigint, (c.value->>'failed')::bigint,
-               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
           FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL jsonb_each(q.delta->'by_model') c
+         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
          WHERE q.shared_key_id IS NOT NULL
         UNION ALL
-        SELECT p.shared_key_id, p.day + 0, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost
+        SELECT p.shared_key_id, p.day + 0, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost,
+               COALESCE(p.input_tokens, 0), COALESCE(p.output_tokens, 0), COALESCE(p.cache_read_tokens, 0),
+               COALESCE(p.cache_write_tokens, 0), COALESCE(p.unpriced, 0)
           FROM usage_agg.pending_deltas p
          WHERE p.shared_key_id IS NOT NULL AND p.model_used IS NOT NULL) u
  GROUP BY u.shared_key_id, u.date, u.model
-HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0;
+HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0
+    OR sum(u.i) <> 0 OR sum(u.o) <> 0 OR sum(u.cr) <> 0 OR sum(u.cw) <> 0 OR sum(u.u) <> 0;
 COMMENT ON VIEW usage_agg.key_daily_usage_by_model IS
     'Usage per shared key, business day and model (exact: pending calls included)';
 
@@ -346,7 +490,10 @@ SELECT u.shared_key_id, u.month,
        sum(u.calls)::bigint AS calls, sum(u.successful_calls)::bigint AS successful_calls,
        sum(u.failed_calls)::bigint AS failed_calls, sum(u.tokens_used)::bigint AS tokens_used,
        sum(u.estimated_cost) AS estimated_cost,
-       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at
+       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
   FROM (SELECT m.shared_key_id, m.month,
                (m.log_data->>'total_calls')::bigint AS calls,
                (m.log_data->>'successful_calls')::bigint AS successful_calls,
@@ -354,12 +501,14 @@ SELECT u.shared_key_id, u.month,
                (m.log_data->>'tokens_used')::bigint AS tokens_used,
                (m.log_data->>'estimated_cost')::numeric AS estimated_cost,
                (m.log_data->>'last_call_at')::timestamptz AS last_call_at,
-               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at
-          FROM usage_agg.key_monthly_logs m
+               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.key_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
         UNION ALL
         SELECT d.shared_key_id, date_trunc('month', d.date::timestamp)::date,
                d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost,
-               d.last_call_at, d.last_failure_at
+               d.last_call_at, d.last_failure_at,
+               d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.key_daily_usage d) u
  GROUP BY u.shared_key_id, u.month;
 COMMENT ON VIEW usage_agg.key_monthly_usage IS
@@ -370,7 +519,10 @@ SELECT u.month,
        sum(u.calls)::bigint AS calls, sum(u.successful_calls)::bigint AS successful_calls,
        sum(u.failed_calls)::bigint AS failed_calls, sum(u.tokens_used)::bigint AS tokens_used,
        sum(u.estimated_cost) AS estimated_cost,
-       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at
+       max(u.last_call_at) AS last_call_at, max(u.last_failure_at) AS last_failure_at,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
   FROM (SELECT m.month,
                (m.log_data->>'total_calls')::bigint AS calls,
                (m.log_data->>'successful_calls')::bigint AS successful_calls,
@@ -378,12 +530,14 @@ SELECT u.month,
                (m.log_data->>'tokens_used')::bigint AS tokens_used,
                (m.log_data->>'estimated_cost')::numeric AS estimated_cost,
                (m.log_data->>'last_call_at')::timestamptz AS last_call_at,
-               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at
-          FROM usage_agg.service_monthly_logs m
+               (m.log_data->>'last_failure_at')::timestamptz AS last_failure_at,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.service_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
         UNION ALL
         SELECT date_trunc('month', d.date::timestamp)::date,
                d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost,
-               d.last_call_at, d.last_failure_at
+               d.last_call_at, d.last_failure_at,
+               d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.service_daily_usage d) u
  GROUP BY u.month;
 COMMENT ON VIEW usage_agg.service_monthly_usage IS
@@ -633,7 +787,9 @@ AS $$
         SELECT usage_agg._timezone() AS name
     ), calls AS (
         SELECT k.shared_key_id, (k.created_at AT TIME ZONE tz.name)::date AS day, k.user_id,
-               k.model_used, k.success, k.tokens_used, k.cost_estimate, k.created_at
+               k.model_used, k.success, k.tokens_used, k.cost_estimate, k.created_at,
+               k.input_tokens::bigint AS i, k.output_tokens::bigint AS o, k.cache_read_tokens::bigint AS cr,
+               k.cache_write_tokens::bigint AS cw, CASE WHEN k.cost_estimate IS NULL THEN 1 ELSE 0 END AS u
           FROM usage_agg.key_usage_logs k, tz
          WHERE k.created_at >= usage_agg._day_start(p_from, tz.name)
            AND k.created_at <  usage_agg._day_start(p_to + 1, tz.name)
@@ -646,15 +802,17 @@ AS $$
                count(*) AS calls, count(*) FILTER (WHERE s.success) AS successful,
                COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost,
                count(DISTINCT s.user_id) AS users, max(s.created_at) AS last_at,
-               max(s.created_at) FILTER (WHERE NOT s.success) AS last_failure_at
+               max(s.created_at) FILTER (WHERE NOT s.success) AS last_failure_at,
+               usage_agg._kinds_json(sum(s.i), sum(s.o), sum(s.cr), sum(s.cw), sum(s.u)) AS kinds
           FROM scoped s GROUP BY s.scope_key, s.day
     ), per_model AS (
         SELECT m.scope_key, m.day,
                jsonb_object_agg(m.model_used, jsonb_build_object(
-                   'calls', m.calls, 'failed', m.failed, 'tokens', m.tokens, 'cost', m.cost)) AS by_model
+                   'calls', m.calls, 'failed', m.failed, 'tokens', m.tokens, 'cost', m.cost) || m.kinds) AS by_model
           FROM (SELECT s.scope_key, s.day, s.model_used, count(*) AS calls,
                        count(*) FILTER (WHERE NOT s.success) AS failed,
-                       COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost
+                       COALESCE(sum(s.tokens_used), 0) AS tokens, COALESCE(sum(s.cost_estimate), 0) AS cost,
+                       usage_agg._kinds_json(sum(s.i), sum(s.o), sum(s.cr), sum(s.cw), sum(s.u)) AS kinds
                   FROM scoped s WHERE s.model_used IS NOT NULL
                  GROUP BY s.scope_key, s.day, s.model_used) m
          GROUP BY m.scope_key, m.day
@@ -666,7 +824,7 @@ AS $$
                'estimated_cost', d.cost, 'users', d.users,
                'by_model', COALESCE(m.by_model, '{}'::jsonb),
                'last_call_at', usage_agg._iso_utc(d.last_at),
-               'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+               'last_failure_at', usage_agg._iso_utc(d.last_failure_at)) || d.kinds
       FROM per_day d
       LEFT JOIN per_model m ON m.scope_key IS NOT DISTINCT FROM d.scope_key AND m.day = d.day
 $$;
@@ -692,32 +850,46 @@ BEGIN
     ), models AS (
         SELECT m.shared_key_id, m.date,
                jsonb_object_agg(m.model, jsonb_build_object('calls', m.calls, 'failed', m.failed_calls,
-                                'tokens', m.tokens_used, 'cost', m.estimated_cost)) AS by_model
+                                'tokens', m.tokens_used, 'cost', m.estimated_cost)
+                                || usage_agg._kinds_json(m.input_tokens, m.output_tokens, m.cache_read_tokens,
+                                                         m.cache_write_tokens, m.unpriced_calls)) AS by_model
           FROM usage_agg.key_daily_usage_by_model m
          WHERE m.date BETWEEN v_from AND p_to
          GROUP BY m.shared_key_id, m.date
     ), service_models AS (
         SELECT m.date,
                jsonb_object_agg(m.model, jsonb_build_object('calls', m.calls, 'failed', m.failed,
-                                'tokens', m.tokens, 'cost', m.cost)) AS by_model
+                                'tokens', m.tokens, 'cost', m.cost)
+                                || usage_agg._kinds_json(m.i, m.o, m.cr, m.cw, m.u)) AS by_model
           FROM (SELECT u.date, u.model, sum(u.calls) AS calls, sum(u.failed) AS failed,
-                       sum(u.tokens) AS tokens, sum(u.cost) AS cost
+                       sum(u.tokens) AS tokens, sum(u.cost) AS cost,
+                       sum(u.i) AS i, sum(u.o) AS o, sum(u.cr) AS cr, sum(u.cw) AS cw, sum(u.u) AS u
                   FROM (SELECT s.date, c.key AS model, (c.value->>'calls')::bigint AS calls,
                                (c.value->>'failed')::bigint AS failed, (c.value->>'tokens')::bigint AS tokens,
-                               (c.value->>'cost')::numeric AS cost
+                               (c.value->>'cost')::numeric AS cost,
+                               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+                               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
                           FROM usage_agg.service_daily_logs s CROSS JOIN LATERAL jsonb_each(s.log_data->'by_model') c
+                         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
                          WHERE s.date BETWEEN v_from AND p_to
                         UNION ALL
                         SELECT q.day, c.key, (c.value->>'calls')::bigint, (c.value->>'failed')::bigint,
-                               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric
+                               (c.value->>'tokens')::bigint, (c.value->>'cost')::numeric,
+                               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens,
+                               kk.unpriced_calls
                           FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL jsonb_each(q.delta->'by_model') c
+                         CROSS JOIN LATERAL usage_agg._kinds(c.value) kk
                          WHERE q.shared_key_id IS NULL AND q.day BETWEEN v_from AND p_to
                         UNION ALL
-                        SELECT p.day, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost
+                        SELECT p.day, p.model_used, p.calls, p.calls - p.successful, p.tokens, p.cost,
+                               COALESCE(p.input_tokens, 0), COALESCE(p.output_tokens, 0),
+                               COALESCE(p.cache_read_tokens, 0), COALESCE(p.cache_write_tokens, 0),
+                               COALESCE(p.unpriced, 0)
                           FROM usage_agg.pending_deltas p
                          WHERE p.model_used IS NOT NULL AND p.day BETWEEN v_from AND p_to) u
                  GROUP BY u.date, u.model
-                HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0) m
+                HAVING sum(u.calls) <> 0 OR sum(u.failed) <> 0 OR sum(u.tokens) <> 0 OR sum(u.cost) <> 0
+                    OR sum(u.i) <> 0 OR sum(u.o) <> 0 OR sum(u.cr) <> 0 OR sum(u.cw) <> 0 OR sum(u.u) <> 0) m
          GROUP BY m.date
     ), stored AS (
         SELECT d.shared_key_id, d.date,
@@ -727,7 +899,9 @@ BEGIN
                    'estimated_cost', d.estimated_cost, 'users', d.users,
                    'by_model', COALESCE(m.by_model, '{}'::jsonb),
                    'last_call_at', usage_agg._iso_utc(d.last_call_at),
-                   'last_failure_at', usage_agg._iso_utc(d.last_failure_at)) AS log_data
+                   'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+               || usage_agg._kinds_json(d.input_tokens, d.output_tokens, d.cache_read_tokens,
+                                        d.cache_write_tokens, d.unpriced_calls) AS log_data
           FROM usage_agg.key_daily_usage d
           LEFT JOIN models m ON m.shared_key_id = d.shared_key_id AND m.date = d.date
          WHERE d.date BETWEEN v_from AND p_to
@@ -740,6 +914,8 @@ BEGIN
                    'by_model', COALESCE(m.by_model, '{}'::jsonb),
                    'last_call_at', usage_agg._iso_utc(d.last_call_at),
                    'last_failure_at', usage_agg._iso_utc(d.last_failure_at))
+               || usage_agg._kinds_json(d.input_tokens, d.output_tokens, d.cache_read_tokens,
+                                        d.cache_write_tokens, d.unpriced_calls)
           FROM usage_agg.service_daily_usage d
           LEFT JOIN service_models m ON m.date = d.date
          WHERE d.date BETWEEN v_from AND p_to
@@ -755,7 +931,8 @@ BEGIN
       FROM pairs p
      CROSS JOIN LATERAL (VALUES ('total_calls'), ('successful_calls'), ('failed_calls'), ('tokens_used'),
                                 ('estimated_cost'), ('users'), ('by_model'), ('last_call_at'),
-                                ('last_failure_at')) AS f(field)
+                                ('last_failure_at'), ('input_tokens'), ('output_tokens'),
+                                ('cache_read_tokens'), ('cache_write_tokens'), ('unpriced_calls')) AS f(field)
      WHERE (p.a->f.field) IS DISTINCT FROM (p.x->f.field)
      ORDER BY p.date, p.shared_key_id NULLS FIRST, f.field;
 END;
@@ -847,7 +1024,7 @@ BEGIN
                'tokens_used', sum(c.tokens), 'estimated_cost', sum(c.cost),
                'users', count(*), 'by_model', '{}'::jsonb, 'last_call_at', NULL, 'last_failure_at', NULL,
                'recovered_from', 'daily_logs.by_key')
-      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._cells(d.log_data, 'by_key') c
+      FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._document_cells(d.log_data, 'by_key') c
      WHERE d.date < p_before
        AND c.calls > 0
        AND NOT EXISTS (SELECT 1 FROM usage_agg.service_daily_logs s WHERE s.date = d.date)
@@ -870,7 +1047,7 @@ BEGIN
                                        FROM (SELECT c.name AS model, sum(c.calls) AS calls,
                                                     sum(c.tokens) AS tokens, sum(c.cost) AS cost
                                                FROM usage_agg.daily_logs u
-                                              CROSS JOIN LATERAL usage_agg._cells(u.log_data, 'by_model') c
+                                              CROSS JOIN LATERAL usage_agg._document_cells(u.log_data, 'by_model') c
                                               WHERE u.date = d.date
                                               GROUP BY c.name) m), '{}'::jsonb),
                'last_call_at', usage_agg._iso_utc(max(t.last_api_call_at)),
@@ -2886,7 +3063,8 @@ SELECT d.user_id,
        t.cost AS estimated_cost,
        CASE WHEN jsonb_typeof(d.log_data->'shared_service_usage'->'keys_used') = 'array'
             THEN jsonb_array_length(d.log_data->'shared_service_usage'->'keys_used') ELSE 0 END AS keys_used,
-       t.last_api_call_at
+       t.last_api_call_at,
+       t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.unpriced_calls
   FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t;
 COMMENT ON VIEW usage_agg.daily_usage IS 'daily_logs as plain columns (one row per user and business day)';
 CREATE OR REPLACE VIEW usage_agg.monthly_usage AS
@@ -2896,21 +3074,64 @@ SELECT u.user_id, u.month,
        sum(u.failed_calls)::bigint AS failed_calls,
        sum(u.tokens_used)::bigint AS tokens_used,
        sum(u.estimated_cost) AS estimated_cost,
-       max(u.last_api_call_at) AS last_api_call_at
+       max(u.last_api_call_at) AS last_api_call_at,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
   FROM (SELECT m.user_id, m.month, t.calls, t.successful AS successful_calls, t.failed AS failed_calls,
-               t.tokens AS tokens_used, t.cost AS estimated_cost, t.last_api_call_at
+               t.tokens AS tokens_used, t.cost AS estimated_cost, t.last_api_call_at,
+               t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.unpriced_calls
           FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
         UNION ALL
         SELECT d.user_id, date_trunc('month', d.date::timestamp)::date,
-               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost, d.last_api_call_at
+               d.calls, d.successful_calls, d.failed_calls, d.tokens_used, d.estimated_cost, d.last_api_call_at,
+               d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
           FROM usage_agg.daily_usage d) u
  GROUP BY u.user_id, u.month;
 COMMENT ON VIEW usage_agg.monthly_usage IS
     'Usage per user and calendar month (business time zone): monthly_logs plus the daily_logs days not rolled up yet';
+CREATE OR REPLACE VIEW usage_agg.daily_usage_by_model AS
+SELECT d.user_id, d.date, c.name AS model, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._document_cells(d.log_data, 'by_model') c;
+COMMENT ON VIEW usage_agg.daily_usage_by_model IS 'One row per user, business day and model';
+CREATE OR REPLACE VIEW usage_agg.daily_usage_by_key AS
+SELECT d.user_id, d.date, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+  FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._document_cells(d.log_data, 'by_key') c;
+COMMENT ON VIEW usage_agg.daily_usage_by_key IS 'One row per user, business day and shared key';
+CREATE OR REPLACE VIEW usage_agg.monthly_usage_by_model AS
+SELECT u.user_id, u.month, u.model, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
+  FROM (SELECT m.user_id, m.month, c.name AS model, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._document_cells(m.log_data, 'by_model') c
+        UNION ALL
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.model, d.calls, d.tokens, d.cost, d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
+          FROM usage_agg.daily_usage_by_model d) u
+ GROUP BY u.user_id, u.month, u.model;
+COMMENT ON VIEW usage_agg.monthly_usage_by_model IS 'One row per user, calendar month and model';
+CREATE OR REPLACE VIEW usage_agg.monthly_usage_by_key AS
+SELECT u.user_id, u.month, u.shared_key_id, sum(u.calls)::bigint AS calls, sum(u.tokens)::bigint AS tokens, sum(u.cost) AS cost,
+       sum(u.input_tokens)::bigint AS input_tokens, sum(u.output_tokens)::bigint AS output_tokens,
+       sum(u.cache_read_tokens)::bigint AS cache_read_tokens,
+       sum(u.cache_write_tokens)::bigint AS cache_write_tokens, sum(u.unpriced_calls)::bigint AS unpriced_calls
+  FROM (SELECT m.user_id, m.month, c.name::uuid AS shared_key_id, c.calls, c.tokens, c.cost, c.input_tokens, c.output_tokens, c.cache_read_tokens, c.cache_write_tokens, c.unpriced_calls
+          FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._document_cells(m.log_data, 'by_key') c
+        UNION ALL
+        SELECT d.user_id, date_trunc('month', d.date::timestamp)::date, d.shared_key_id, d.calls, d.tokens, d.cost, d.input_tokens, d.output_tokens, d.cache_read_tokens, d.cache_write_tokens, d.unpriced_calls
+          FROM usage_agg.daily_usage_by_key d) u
+ GROUP BY u.user_id, u.month, u.shared_key_id;
+COMMENT ON VIEW usage_agg.monthly_usage_by_key IS 'One row per user, calendar month and shared key';
+-- Replaced by _document_cells (which reads the token kinds too).
+DROP FUNCTION usage_agg._cells(jsonb, text);
 
 -- CREATE OR REPLACE VIEW resets the view's options.
 ALTER VIEW usage_agg.daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.daily_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.daily_usage_by_key SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage_by_key SET (security_invoker = true);
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage_by_model SET (security_invoker = true);
@@ -2928,6 +3149,57 @@ REVOKE EXECUTE ON FUNCTION usage_agg.reprice_calls(timestamptz, timestamptz, int
 -- Filling the new tables from what the database holds.
 -- ---------------------------------------------------------------------------
 
+-- The calls still pending are folded into daily_logs now (a (user, day) the
+-- applier could not fold stays pending), so that every call of a day with
+-- detail has its day row and cell for the unpriced counts below.
+WITH range AS (
+    SELECT min(p.day) AS first_day, max(p.day) AS last_day FROM usage_agg.pending_deltas p
+), pending AS (
+    SELECT a.user_id, a.date, a.log_data
+      FROM range r CROSS JOIN LATERAL usage_agg._aggregates(r.first_day, r.last_day) a
+     WHERE r.first_day IS NOT NULL AND a.source = 'pending'
+       AND NOT EXISTS (SELECT 1 FROM usage_agg.fold_skipped s WHERE s.user_id = a.user_id AND s.day = a.date)
+), folded AS (
+    INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+    SELECT p.user_id, p.date, p.log_data, now() FROM pending p
+    ON CONFLICT (user_id, date) DO UPDATE
+       SET log_data = usage_agg._rollup_merge(d.log_data, EXCLUDED.log_data), last_modified = now()
+    RETURNING d.user_id, d.date
+)
+DELETE FROM usage_agg.pending_deltas q USING folded f WHERE q.user_id = f.user_id AND q.day = f.date;
+
+-- Calls without a cost in the days that have detail: unpriced_calls of the day,
+-- its models and its keys. (No call of 0.3.0 reports token kinds.) Months and
+-- days without detail cannot tell and count none.
+WITH horizon AS (
+    SELECT h.detail_kept_from AS day, usage_agg._timezone() AS tz FROM usage_agg.retention_horizon h
+), calls AS (
+    SELECT k.user_id, (k.created_at AT TIME ZONE h.tz)::date AS day, k.model_used AS model,
+           k.shared_key_id::text AS key
+      FROM usage_agg.key_usage_logs k, horizon h
+     WHERE k.cost_estimate IS NULL AND k.created_at >= usage_agg._day_start(h.day, h.tz)
+), per_day AS (
+    SELECT c.user_id, c.day, count(*) AS n FROM calls c GROUP BY c.user_id, c.day
+), per_model AS (
+    SELECT m.user_id, m.day, jsonb_object_agg(m.model, jsonb_build_object('unpriced_calls', m.n)) AS cells
+      FROM (SELECT c.user_id, c.day, c.model, count(*) AS n FROM calls c WHERE c.model IS NOT NULL
+             GROUP BY c.user_id, c.day, c.model) m
+     GROUP BY m.user_id, m.day
+), per_key AS (
+    SELECT k.user_id, k.day, jsonb_object_agg(k.key, jsonb_build_object('unpriced_calls', k.n)) AS cells
+      FROM (SELECT c.user_id, c.day, c.key, count(*) AS n FROM calls c WHERE c.key IS NOT NULL
+             GROUP BY c.user_id, c.day, c.key) k
+     GROUP BY k.user_id, k.day
+)
+UPDATE usage_agg.daily_logs d
+   SET log_data = usage_agg._rollup_merge(d.log_data, jsonb_build_object('shared_service_usage', jsonb_build_object(
+           'unpriced_calls', p.n, 'by_model', COALESCE(m.cells, '{}'::jsonb), 'by_key', COALESCE(k.cells, '{}'::jsonb))))
+  FROM per_day p
+  LEFT JOIN per_model m ON m.user_id = p.user_id AND m.day = p.day
+  LEFT JOIN per_key k ON k.user_id = p.user_id AND k.day = p.day
+ WHERE d.user_id = p.user_id AND d.date = p.day
+   AND NOT EXISTS (SELECT 1 FROM usage_agg.pending_deltas q WHERE q.user_id = p.user_id AND q.day = p.day);
+
 -- Days with detail: a GROUP BY over it, less the calls still pending (the
 -- next apply adds those, as it does for every pending call). Users of a key (or
 -- of the service) on a day: the users whose day row lists the key (has calls).
@@ -2937,11 +3209,13 @@ WITH horizon AS (
     SELECT k.shared_key_id AS key, (k.created_at AT TIME ZONE h.tz)::date AS day, k.model_used AS model,
            1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok, COALESCE(k.tokens_used, 0)::bigint AS tokens,
            COALESCE(k.cost_estimate, 0) AS cost, k.created_at AS at,
-           CASE WHEN NOT k.success THEN k.created_at END AS failed_at
+           CASE WHEN NOT k.success THEN k.created_at END AS failed_at,
+           CASE WHEN k.cost_estimate IS NULL THEN 1 ELSE 0 END AS unpriced
       FROM usage_agg.key_usage_logs k, horizon h
      WHERE k.created_at >= usage_agg._day_start(h.day, h.tz)
     UNION ALL
-    SELECT p.shared_key_id, p.day, p.model_used, -p.calls, -p.successful, -p.tokens, -p.cost, NULL, NULL
+    -- (Their unpriced calls are counted here: the apply adds none for them.)
+    SELECT p.shared_key_id, p.day, p.model_used, -p.calls, -p.successful, -p.tokens, -p.cost, NULL, NULL, 0
       FROM usage_agg.pending_deltas p, horizon h
      WHERE p.day >= h.day
 ), scoped AS (
@@ -2951,16 +3225,17 @@ WITH horizon AS (
 ), per_model AS (
     SELECT m.scope, m.day,
            jsonb_object_agg(m.model, jsonb_build_object('calls', m.n, 'failed', m.failed,
-                                                        'tokens', m.tokens, 'cost', m.cost)) AS by_model
+                                                        'tokens', m.tokens, 'cost', m.cost)
+                                     || usage_agg._kinds_json(0, 0, 0, 0, m.unpriced)) AS by_model
       FROM (SELECT s.scope, s.day, s.model, sum(s.n) AS n, sum(s.n - s.ok) AS failed,
-                   sum(s.tokens) AS tokens, sum(s.cost) AS cost
+                   sum(s.tokens) AS tokens, sum(s.cost) AS cost, sum(s.unpriced) AS unpriced
               FROM scoped s WHERE s.model IS NOT NULL
              GROUP BY s.scope, s.day, s.model
-            HAVING sum(s.n) <> 0 OR sum(s.tokens) <> 0 OR sum(s.cost) <> 0) m
+            HAVING sum(s.n) <> 0 OR sum(s.tokens) <> 0 OR sum(s.cost) <> 0 OR sum(s.unpriced) <> 0) m
      GROUP BY m.scope, m.day
 ), per_day AS (
     SELECT s.scope, s.day, sum(s.n) AS n, sum(s.ok) AS ok, sum(s.tokens) AS tokens, sum(s.cost) AS cost,
-           max(s.at) AS at, max(s.failed_at) AS failed_at
+           max(s.at) AS at, max(s.failed_at) AS failed_at, sum(s.unpriced) AS unpriced
       FROM scoped s GROUP BY s.scope, s.day
 ), docs AS (
     SELECT d.scope, d.day,
@@ -2975,10 +3250,11 @@ WITH horizon AS (
                                       AND u.log_data->'shared_service_usage'->'by_key' ? d.scope::text) END,
                'by_model', COALESCE(m.by_model, '{}'::jsonb),
                'last_call_at', usage_agg._iso_utc(d.at),
-               'last_failure_at', usage_agg._iso_utc(d.failed_at)) AS log_data
+               'last_failure_at', usage_agg._iso_utc(d.failed_at))
+           || usage_agg._kinds_json(0, 0, 0, 0, d.unpriced) AS log_data
       FROM per_day d
       LEFT JOIN per_model m ON m.scope IS NOT DISTINCT FROM d.scope AND m.day = d.day
-     WHERE d.n <> 0 OR d.tokens <> 0 OR d.cost <> 0
+     WHERE d.n <> 0 OR d.tokens <> 0 OR d.cost <> 0 OR d.unpriced <> 0
 ), keys AS (
     INSERT INTO usage_agg.key_daily_logs (shared_key_id, date, log_data)
     SELECT d.scope, d.day, d.log_data FROM docs d WHERE d.scope IS NOT NULL

@@ -13,13 +13,16 @@ AS $$
     ), calls AS (
         SELECT 'detail' AS source, k.user_id, (k.created_at AT TIME ZONE tz.name)::date AS day,
                k.model_used, k.shared_key_id, 1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok,
-               k.tokens_used::bigint AS tokens, k.cost_estimate AS cost, k.created_at AS at
+               k.tokens_used::bigint AS tokens, k.cost_estimate AS cost, k.created_at AS at,
+               k.input_tokens::bigint AS i, k.output_tokens::bigint AS o, k.cache_read_tokens::bigint AS cr,
+               k.cache_write_tokens::bigint AS cw, CASE WHEN k.cost_estimate IS NULL THEN 1 ELSE 0 END AS u
           FROM usage_agg.key_usage_logs k, tz
          WHERE k.created_at >= usage_agg._day_start(p_from, tz.name)
            AND k.created_at <  usage_agg._day_start(p_to + 1, tz.name)
         UNION ALL
         SELECT 'pending', p.user_id, p.day, p.model_used, p.shared_key_id, p.calls, p.successful,
-               p.tokens, p.cost, p.last_at
+               p.tokens, p.cost, p.last_at,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
           FROM usage_agg.pending_deltas p
          WHERE p.day BETWEEN p_from AND p_to
     ), per_day AS (
@@ -29,15 +32,17 @@ AS $$
                sum(c.n - c.ok) AS failed,
                COALESCE(sum(c.tokens), 0) AS tokens,
                COALESCE(sum(c.cost), 0) AS cost,
-               max(c.at) AS last_at
+               max(c.at) AS last_at,
+               usage_agg._kinds_json(sum(c.i), sum(c.o), sum(c.cr), sum(c.cw), sum(c.u)) AS kinds
           FROM calls c GROUP BY c.source, c.user_id, c.day
     ), per_model AS (
         SELECT m.source, m.user_id, m.day,
                jsonb_object_agg(m.model_used, jsonb_build_object(
-                   'calls', m.calls, 'tokens', m.tokens, 'cost', m.cost)) AS by_model
+                   'calls', m.calls, 'tokens', m.tokens, 'cost', m.cost) || m.kinds) AS by_model
           FROM (SELECT c.source, c.user_id, c.day, c.model_used, sum(c.n) AS calls,
                        COALESCE(sum(c.tokens), 0) AS tokens,
-                       COALESCE(sum(c.cost), 0) AS cost
+                       COALESCE(sum(c.cost), 0) AS cost,
+                       usage_agg._kinds_json(sum(c.i), sum(c.o), sum(c.cr), sum(c.cw), sum(c.u)) AS kinds
                   FROM calls c WHERE c.model_used IS NOT NULL
                  GROUP BY c.source, c.user_id, c.day, c.model_used) m
          GROUP BY m.source, m.user_id, m.day
@@ -45,10 +50,11 @@ AS $$
         SELECT k.source, k.user_id, k.day,
                jsonb_agg(k.key ORDER BY k.key) AS keys_used,
                jsonb_object_agg(k.key, jsonb_build_object(
-                   'calls', k.calls, 'tokens', k.tokens, 'cost', k.cost)) AS by_key
+                   'calls', k.calls, 'tokens', k.tokens, 'cost', k.cost) || k.kinds) AS by_key
           FROM (SELECT c.source, c.user_id, c.day, c.shared_key_id::text AS key, sum(c.n) AS calls,
                        COALESCE(sum(c.tokens), 0) AS tokens,
-                       COALESCE(sum(c.cost), 0) AS cost
+                       COALESCE(sum(c.cost), 0) AS cost,
+                       usage_agg._kinds_json(sum(c.i), sum(c.o), sum(c.cr), sum(c.cw), sum(c.u)) AS kinds
                   FROM calls c WHERE c.shared_key_id IS NOT NULL
                  GROUP BY c.source, c.user_id, c.day, c.shared_key_id) k
          GROUP BY k.source, k.user_id, k.day
@@ -64,7 +70,7 @@ AS $$
                    'estimated_cost', d.cost,
                    'keys_used', COALESCE(k.keys_used, '[]'::jsonb),
                    'by_model', COALESCE(m.by_model, '{}'::jsonb),
-                   'by_key', COALESCE(k.by_key, '{}'::jsonb)),
+                   'by_key', COALESCE(k.by_key, '{}'::jsonb)) || d.kinds,
                'last_api_call_at', usage_agg._iso_utc(d.last_at))
       FROM per_day d
       LEFT JOIN per_model m ON m.source = d.source AND m.user_id = d.user_id AND m.day = d.day

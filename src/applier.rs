@@ -134,11 +134,11 @@ pub fn apply_batch(client: &mut SpiClient<'_>, max_rows: i32, timezone: &str) ->
     for row in taken {
         let group = fold::group_of(&row, false);
         let appended = row
-            .get::<i64>(11)
+            .get::<i64>(fold::PENDING_GROUP_WIDTH + 1)
             .unwrap_or_else(|e| errors::internal("taking pending calls", e))
             .unwrap_or(0);
         taken_rows += row
-            .get::<i64>(12)
+            .get::<i64>(fold::PENDING_GROUP_WIDTH + 2)
             .unwrap_or_else(|e| errors::internal("taking pending calls", e))
             .unwrap_or(0);
         first_appended

@@ -23,7 +23,7 @@ use rustc_hash::FxHashMap;
 
 use crate::errors;
 use crate::jsonb::Jsonb;
-use crate::logdata::{self, Correction, CorruptField, DayDelta, GroupRow, Presence};
+use crate::logdata::{self, Correction, CorruptField, DayDelta, GroupRow, Kinds, Presence};
 use crate::plans::{kept_statement, Sql};
 
 /// Names of the transition tables in `CREATE TRIGGER ... REFERENCING`.
@@ -52,7 +52,7 @@ pub fn hour_of_sql(column: &str, timezone: &str) -> String {
 /// before it the retention cleanup deletes detail whose aggregates must stay.
 /// `$1` is the business time zone (the backend's cached config). The key is
 /// grouped as a uuid and printed once per group, not once per row.
-fn grouping_query(table: &str, skip_expired: bool) -> String {
+fn grouping_query(table: &str, skip_expired: bool, current_catalog: bool) -> String {
     let (horizon, filter) = if skip_expired {
         (
             "CROSS JOIN (SELECT usage_agg._day_start(h.detail_kept_from, $1) AS kept_from
@@ -73,12 +73,21 @@ fn grouping_query(table: &str, skip_expired: bool) -> String {
                 COALESCE(sum(t.tokens_used), 0)::int8,
                 COALESCE(sum(t.cost_estimate), 0)::text,
                 (extract(epoch FROM max(t.created_at)) * 1000000)::int8,
-                (extract(epoch FROM max(t.created_at) FILTER (WHERE NOT t.success)) * 1000000)::int8
+                (extract(epoch FROM max(t.created_at) FILTER (WHERE NOT t.success)) * 1000000)::int8,
+                {kinds}
            FROM {table} t
           {horizon}
           {filter}
           GROUP BY 1, 2, 3, t.shared_key_id, {hour}",
-        hour = hour_of_sql("t.created_at", "$1")
+        hour = hour_of_sql("t.created_at", "$1"),
+        // Before ALTER EXTENSION ... UPDATE to 0.4.0 the detail has no kinds.
+        kinds = if current_catalog {
+            "sum(t.input_tokens)::int8, sum(t.output_tokens)::int8,
+                sum(t.cache_read_tokens)::int8, sum(t.cache_write_tokens)::int8,
+                (count(*) FILTER (WHERE t.cost_estimate IS NULL))::int8"
+        } else {
+            "NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8"
+        }
     )
 }
 
@@ -86,7 +95,17 @@ kept_statement! {
     /// Inserted rows grouped in SQL (when `grouping` cannot sum a cost exactly).
     GROUP_NEW {
         what: "reading the statement's rows",
-        sql: Sql::Built(|| grouping_query(NEW_ROWS, false)),
+        sql: Sql::Built(|| grouping_query(NEW_ROWS, false, true)),
+        args: [TEXTOID],
+        mutating: false,
+    }
+}
+
+kept_statement! {
+    /// GROUP_NEW against a catalog older than 0.4.0.
+    GROUP_NEW_OLD_CATALOG {
+        what: "reading the statement's rows",
+        sql: Sql::Built(|| grouping_query(NEW_ROWS, false, false)),
         args: [TEXTOID],
         mutating: false,
     }
@@ -96,7 +115,17 @@ kept_statement! {
     /// Removed rows (UPDATE old side, DELETE) grouped in SQL.
     GROUP_OLD {
         what: "reading the statement's removed rows",
-        sql: Sql::Built(|| grouping_query(OLD_ROWS, true)),
+        sql: Sql::Built(|| grouping_query(OLD_ROWS, true, true)),
+        args: [TEXTOID],
+        mutating: false,
+    }
+}
+
+kept_statement! {
+    /// GROUP_OLD against a catalog older than 0.4.0.
+    GROUP_OLD_OLD_CATALOG {
+        what: "reading the statement's removed rows",
+        sql: Sql::Built(|| grouping_query(OLD_ROWS, true, false)),
         args: [TEXTOID],
         mutating: false,
     }
@@ -191,19 +220,36 @@ kept_statement! {
     }
 }
 
+/// How many columns [`PENDING_GROUP_COLUMNS`] has (a query's own columns follow).
+pub const PENDING_GROUP_WIDTH: usize = 15;
+
 /// The columns every query over pending_deltas returns, in [`GroupRow`] order
 /// (see [`collect_groups`]).
 pub const PENDING_GROUP_COLUMNS: &str = "
     p.user_id, (p.day - DATE '2000-01-01')::int4, p.model_used, p.shared_key_id::text,
     sum(p.calls)::int8, sum(p.successful)::int8, sum(p.tokens)::int8, sum(p.cost)::text,
     (extract(epoch FROM max(p.last_at)) * 1000000)::int8,
-    (extract(epoch FROM max(p.last_failure_at)) * 1000000)::int8";
+    (extract(epoch FROM max(p.last_failure_at)) * 1000000)::int8,
+    sum(p.input_tokens)::int8, sum(p.output_tokens)::int8, sum(p.cache_read_tokens)::int8,
+    sum(p.cache_write_tokens)::int8, sum(p.unpriced)::int8";
 
 /// The pending calls of the corrected (user, day)s, deleted and grouped (by
-/// hour too, in time zone $3); `last_failure` is the column (or NULL before
-/// 0.4.0's catalog).
-fn absorb_query(last_failure: &str) -> String {
-    let columns = PENDING_GROUP_COLUMNS.replace("max(p.last_failure_at)", last_failure);
+/// hour too, in time zone $3); before 0.4.0's catalog the columns it added
+/// are read as NULL.
+fn absorb_query(current_catalog: bool) -> String {
+    let mut columns = PENDING_GROUP_COLUMNS.to_string();
+    if !current_catalog {
+        columns = columns.replace("max(p.last_failure_at)", "NULL::timestamptz");
+        for column in [
+            "sum(p.input_tokens)",
+            "sum(p.output_tokens)",
+            "sum(p.cache_read_tokens)",
+            "sum(p.cache_write_tokens)",
+            "sum(p.unpriced)",
+        ] {
+            columns = columns.replace(column, "NULL::int8");
+        }
+    }
     let hour = hour_of_sql("p.last_at", "$3");
     format!(
         "WITH taken AS (
@@ -221,7 +267,7 @@ kept_statement! {
     /// applied before the addition it removes). Waits for a concurrent apply.
     ABSORB_PENDING {
         what: "taking pending calls",
-        sql: Sql::Built(|| absorb_query("max(p.last_failure_at)")),
+        sql: Sql::Built(|| absorb_query(true)),
         args: [UUIDARRAYOID, INT4ARRAYOID, TEXTOID],
         mutating: true,
     }
@@ -232,7 +278,7 @@ kept_statement! {
     /// between installing this library and ALTER EXTENSION ... UPDATE.
     ABSORB_PENDING_OLD_CATALOG {
         what: "taking pending calls",
-        sql: Sql::Built(|| absorb_query("NULL::timestamptz")),
+        sql: Sql::Built(|| absorb_query(false)),
         args: [UUIDARRAYOID, INT4ARRAYOID, TEXTOID],
         mutating: true,
     }
@@ -280,6 +326,13 @@ pub fn group_of(row: &SpiHeapTupleData<'_>, removed: bool) -> Group {
         last_failure_micros: row
             .get::<i64>(10)
             .unwrap_or_else(|e| errors::internal("reading a group", e)),
+        kinds: Kinds::from_values([
+            get_i64(11),
+            get_i64(12),
+            get_i64(13),
+            get_i64(14),
+            get_i64(15),
+        ]),
         absorbed: false,
     };
     ((user, day), group, removed)
@@ -289,10 +342,16 @@ pub fn group_of(row: &SpiHeapTupleData<'_>, removed: bool) -> Group {
 pub fn read_groups_in_sql(
     client: &SpiClient<'_>,
     removed: bool,
+    current_catalog: bool,
     timezone: &str,
     out: &mut Vec<Group>,
 ) {
-    let statement = if removed { &GROUP_OLD } else { &GROUP_NEW };
+    let statement = match (removed, current_catalog) {
+        (true, true) => &GROUP_OLD,
+        (true, false) => &GROUP_OLD_OLD_CATALOG,
+        (false, true) => &GROUP_NEW,
+        (false, false) => &GROUP_NEW_OLD_CATALOG,
+    };
     let rows = statement.run(client, &[timezone.into()]);
     collect_groups(rows, removed, out);
 }

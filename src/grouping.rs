@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap;
 
 use crate::decimal;
 use crate::errors;
-use crate::logdata::GroupRow;
+use crate::logdata::{GroupRow, Kinds};
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -45,6 +45,7 @@ struct Totals {
     successful: i64,
     tokens: i64,
     cost: decimal::Sum,
+    kinds: [i64; 5],
     last_at: i64,
     last_failure: i64,
 }
@@ -58,6 +59,9 @@ struct Columns {
     tokens: i32,
     cost: i32,
     success: i32,
+    /// input, output, cache_read and cache_write tokens; 0 where the table has
+    /// no such column (a catalog older than 0.4.0).
+    kinds: [i32; 4],
     last: i32,
 }
 
@@ -69,7 +73,7 @@ struct Columns {
 unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
     let natts = (*tupdesc).natts;
     // (name, accepted types, the type to name in the error)
-    let find = |name: &str, types: &[pg_sys::Oid], expected: &str| -> i32 {
+    let find_optional = |name: &str, types: &[pg_sys::Oid], expected: &str| -> Option<i32> {
         for i in 0..natts {
             let att = crate::compat::attribute(&*tupdesc, i as usize);
             if !att.attisdropped {
@@ -79,12 +83,18 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
                         let found = std::ffi::CStr::from_ptr(pg_sys::format_type_be(att.atttypid));
                         errors::changed_column(name, &found.to_string_lossy(), expected);
                     }
-                    return i + 1;
+                    return Some(i + 1);
                 }
             }
         }
-        errors::internal("reading the statement's rows", format!("no column {name}"))
+        None
     };
+    let find = |name: &str, types: &[pg_sys::Oid], expected: &str| -> i32 {
+        find_optional(name, types, expected).unwrap_or_else(|| {
+            errors::internal("reading the statement's rows", format!("no column {name}"))
+        })
+    };
+    let kind = |name: &str| find_optional(name, &[pg_sys::INT4OID], "integer").unwrap_or(0);
     let c = Columns {
         user: find("user_id", &[pg_sys::UUIDOID], "uuid"),
         created_at: find("created_at", &[pg_sys::TIMESTAMPTZOID], "timestamptz"),
@@ -94,6 +104,12 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
         tokens: find("tokens_used", &[pg_sys::INT4OID], "integer"),
         cost: find("cost_estimate", &[pg_sys::NUMERICOID], "numeric"),
         success: find("success", &[pg_sys::BOOLOID], "boolean"),
+        kinds: [
+            kind("input_tokens"),
+            kind("output_tokens"),
+            kind("cache_read_tokens"),
+            kind("cache_write_tokens"),
+        ],
         last: 0,
     };
     let last = [
@@ -106,6 +122,7 @@ unsafe fn columns(tupdesc: pg_sys::TupleDesc) -> Columns {
         c.success,
     ]
     .into_iter()
+    .chain(c.kinds)
     .max()
     .unwrap_or(natts);
     Columns { last, ..c }
@@ -213,6 +230,8 @@ pub struct Row {
     /// cost_estimate, a numeric datum.
     pub cost: Option<pg_sys::Datum>,
     pub success: bool,
+    /// input, output, cache_read and cache_write tokens (None: not reported).
+    pub kinds: [Option<i32>; 4],
 }
 
 impl Row {
@@ -264,6 +283,13 @@ pub unsafe fn scan_new_rows(
             tokens: value(cols.tokens).map(|d| d.value() as i32),
             cost: value(cols.cost),
             success: value(cols.success).is_some_and(|d| d.value() != 0),
+            kinds: cols.kinds.map(|att| {
+                if att == 0 {
+                    None
+                } else {
+                    value(att).map(|d| d.value() as i32)
+                }
+            }),
         };
         if !f(&row) {
             break;
@@ -274,11 +300,14 @@ pub unsafe fn scan_new_rows(
 
 /// Groups the rows of `store` (the NEW transition table of key_usage_logs,
 /// described by `tupdesc`). None: a cost could not be summed exactly here or a
-/// model name is not UTF-8; group in SQL instead.
+/// model name is not UTF-8; group in SQL instead. `count_unpriced`: count the
+/// calls without a cost (not against a catalog older than 0.4.0, whose update
+/// counts them from the detail).
 pub fn group_new_rows(
     store: *mut pg_sys::Tuplestorestate,
     tupdesc: pg_sys::TupleDesc,
     timezone: &str,
+    count_unpriced: bool,
 ) -> Option<Vec<Grouped>> {
     let mut days = BusinessDays::new(timezone);
     let mut models: FxHashMap<Vec<u8>, u32> = FxHashMap::default();
@@ -320,6 +349,12 @@ pub fn group_new_rows(
             totals.calls += 1;
             totals.successful += i64::from(row.success);
             totals.tokens += i64::from(row.tokens.unwrap_or(0));
+            for (sum, n) in totals.kinds.iter_mut().zip(row.kinds) {
+                *sum += i64::from(n.unwrap_or(0));
+            }
+            if count_unpriced && row.cost.is_none() {
+                totals.kinds[4] += 1;
+            }
             if let Some(d) = row.cost {
                 let added = decimal::decode(varlena_bytes(d)).and_then(|v| totals.cost.add(v));
                 if added.is_none() {
@@ -353,6 +388,7 @@ pub fn group_new_rows(
                     successful: t.successful,
                     tokens: t.tokens,
                     cost: t.cost.to_bigdecimal(),
+                    kinds: Kinds::from_values(t.kinds),
                     last_at_micros: Some(t.last_at + PG_EPOCH_OFFSET_MICROS),
                     last_failure_micros: (t.last_failure != i64::MIN)
                         .then(|| t.last_failure + PG_EPOCH_OFFSET_MICROS),

@@ -388,6 +388,7 @@ mod tests {
             last_at_micros: Some(at),
             last_failure_micros: None,
             absorbed: false,
+            kinds: Default::default(),
         }
     }
 

@@ -5,7 +5,9 @@
 //! A day's document (the layout README documents):
 //! `{"total_calls", "successful_calls", "failed_calls", "tokens_used",
 //! "estimated_cost", "users", "by_model": {model: {"calls", "failed", "tokens",
-//! "cost"}}, "last_call_at", "last_failure_at"}`. A month's has no `users`
+//! "cost"}}, "last_call_at", "last_failure_at"}`, with the sparse counters of
+//! `logdata::KIND_FIELDS` (tokens by kind, unpriced calls) beside the totals
+//! and in the model cells while they are not zero. A month's has no `users`
 //! (distinct users over a month are not additive). The whole document belongs to
 //! usage_agg; applications keep theirs in the user documents.
 //!
@@ -21,8 +23,8 @@ use bigdecimal::{BigDecimal, Zero};
 use serde_json::{Map, Value};
 
 use crate::logdata::{
-    add_number, corrupt, decimal_json, format_micros, max_opt, parse_timestamp_micros,
-    CorruptField, GroupRow,
+    add_kinds, add_kinds_of, add_number, corrupt, decimal_json, format_micros, max_opt,
+    parse_timestamp_micros, CorruptField, GroupRow, Kinds, KIND_FIELDS,
 };
 
 pub const TOTAL_CALLS: &str = "total_calls";
@@ -57,6 +59,7 @@ pub struct ModelCell {
     pub failed: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
+    pub kinds: Kinds,
 }
 
 impl ModelCell {
@@ -66,6 +69,7 @@ impl ModelCell {
         m.insert("failed".into(), Value::from(self.failed));
         m.insert("tokens".into(), Value::from(self.tokens));
         m.insert("cost".into(), decimal_json(&self.cost));
+        self.kinds.write(&mut m);
         Value::Object(m)
     }
 }
@@ -77,6 +81,7 @@ pub struct RollupDelta {
     pub successful: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
+    pub kinds: Kinds,
     pub users: i64,
     pub by_model: BTreeMap<String, ModelCell>,
     /// Newest call (and failed call) added.
@@ -101,8 +106,10 @@ impl RollupDelta {
         } else {
             self.cost += &row.cost;
         }
+        self.kinds.add(&row.kinds, sign);
         if let Some(model) = &row.model {
             let cell = self.by_model.entry(model.clone()).or_default();
+            cell.kinds.add(&row.kinds, sign);
             cell.calls += sign * row.calls;
             cell.failed += sign * failed;
             cell.tokens += sign * row.tokens;
@@ -129,9 +136,11 @@ impl RollupDelta {
         self.successful += other.successful;
         self.tokens += other.tokens;
         self.cost += &other.cost;
+        self.kinds.add(&other.kinds, 1);
         self.users += other.users;
         for (model, c) in &other.by_model {
             let cell = self.by_model.entry(model.clone()).or_default();
+            cell.kinds.add(&c.kinds, 1);
             cell.calls += c.calls;
             cell.failed += c.failed;
             cell.tokens += c.tokens;
@@ -155,11 +164,15 @@ impl RollupDelta {
             && self.successful == 0
             && self.tokens == 0
             && self.cost.is_zero()
+            && self.kinds.is_zero()
             && self.users == 0
-            && self
-                .by_model
-                .values()
-                .all(|c| c.calls == 0 && c.failed == 0 && c.tokens == 0 && c.cost.is_zero())
+            && self.by_model.values().all(|c| {
+                c.calls == 0
+                    && c.failed == 0
+                    && c.tokens == 0
+                    && c.cost.is_zero()
+                    && c.kinds.is_zero()
+            })
             && self.added_last_at.is_none()
             && self.added_last_failure_at.is_none()
     }
@@ -176,6 +189,7 @@ impl RollupDelta {
         );
         doc.insert(TOKENS_USED.into(), Value::from(self.tokens));
         doc.insert(ESTIMATED_COST.into(), decimal_json(&self.cost));
+        self.kinds.write(&mut doc);
         doc.insert(USERS.into(), Value::from(self.users));
         doc.insert(
             BY_MODEL.into(),
@@ -222,6 +236,7 @@ impl RollupDelta {
             tokens: int(map, TOKENS_USED, TOKENS_USED)?,
             cost: money(map, ESTIMATED_COST)?,
             users: int(map, USERS, USERS)?,
+            kinds: Kinds::read(map, "")?,
             added_last_at: read_time(map, LAST_CALL_AT)?,
             added_last_failure_at: read_time(map, LAST_FAILURE_AT)?,
             removed_last_at,
@@ -241,6 +256,7 @@ impl RollupDelta {
                         failed: int(cell, "failed", &path)?,
                         tokens: int(cell, "tokens", &path)?,
                         cost: money(cell, &path)?,
+                        kinds: Kinds::read(cell, &format!("{path}."))?,
                     },
                 );
             }
@@ -292,6 +308,7 @@ pub fn merge(stored: Value, delta: &Value, keep_users: bool) -> Result<Value, Co
         delta.get(ESTIMATED_COST),
         false,
     )?;
+    add_kinds_of(&mut out, delta, "")?;
 
     let mut cells = match out.remove(BY_MODEL) {
         None | Some(Value::Null) => Map::new(),
@@ -317,6 +334,7 @@ pub fn merge(stored: Value, delta: &Value, keep_users: bool) -> Result<Value, Co
                         integer,
                     )?;
                 }
+                add_kinds(&mut cell, Some(delta_cell), &format!("{path}."))?;
                 if !cell_is_zero(&cell) {
                     cells.insert(model.clone(), Value::Object(cell));
                 }
@@ -335,18 +353,21 @@ pub fn merge(stored: Value, delta: &Value, keep_users: bool) -> Result<Value, Co
 }
 
 fn cell_is_zero(cell: &Map<String, Value>) -> bool {
-    CELL_FIELDS.iter().all(|(f, _)| match cell.get(*f) {
-        Some(Value::Number(n)) => n.as_i64().map_or_else(
-            || {
-                n.to_string()
-                    .parse::<BigDecimal>()
-                    .is_ok_and(|d| d.is_zero())
-            },
-            |i| i == 0,
-        ),
-        None | Some(Value::Null) => true,
-        _ => false,
-    })
+    // add_kinds removes the sparse counters that reach zero.
+    let no_kinds = KIND_FIELDS.iter().all(|f| !cell.contains_key(*f));
+    no_kinds
+        && CELL_FIELDS.iter().all(|(f, _)| match cell.get(*f) {
+            Some(Value::Number(n)) => n.as_i64().map_or_else(
+                || {
+                    n.to_string()
+                        .parse::<BigDecimal>()
+                        .is_ok_and(|d| d.is_zero())
+                },
+                |i| i == 0,
+            ),
+            None | Some(Value::Null) => true,
+            _ => false,
+        })
 }
 
 /// After calls were removed: a stored time that is not newer than every
@@ -409,7 +430,45 @@ mod tests {
             last_at_micros: Some(at),
             last_failure_micros: (ok < calls).then_some(at),
             absorbed: false,
+            kinds: Default::default(),
         }
+    }
+
+    #[test]
+    fn kinds_and_unpriced_calls_are_sparse_in_key_documents() {
+        let mut d = RollupDelta::default();
+        d.apply(
+            &GroupRow {
+                kinds: Kinds::from_values([100, 20, 0, 0, 1]),
+                ..row(Some("m"), 1, 1, 120, "0", T0)
+            },
+            false,
+        );
+        let doc = d.to_document();
+        assert_eq!(doc["input_tokens"], json!(100));
+        assert_eq!(doc.get("cache_read_tokens"), None);
+        assert_eq!(
+            doc["by_model"]["m"],
+            json!({"calls": 1, "failed": 0, "tokens": 120, "cost": 0,
+                   "input_tokens": 100, "output_tokens": 20, "unpriced_calls": 1})
+        );
+        // A pending delta read back is the same delta.
+        let read = RollupDelta::from_document(&doc, None, None).unwrap();
+        assert_eq!(read.kinds, d.kinds);
+        assert_eq!(read.by_model["m"].kinds, d.by_model["m"].kinds);
+        // Removed again: the counters and the cell go away.
+        let stored = merge(json!({}), &doc, true).unwrap();
+        let mut undo = RollupDelta::default();
+        undo.apply(
+            &GroupRow {
+                kinds: Kinds::from_values([100, 20, 0, 0, 1]),
+                ..row(Some("m"), 1, 1, 120, "0", T0)
+            },
+            true,
+        );
+        let back = merge(stored, &undo.to_document(), true).unwrap();
+        assert_eq!(back.get("unpriced_calls"), None);
+        assert_eq!(back["by_model"], json!({}));
     }
 
     #[test]

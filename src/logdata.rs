@@ -25,12 +25,28 @@ pub const ESTIMATED_COST: &str = "estimated_cost";
 pub const KEYS_USED: &str = "keys_used";
 pub const BY_MODEL: &str = "by_model";
 pub const BY_KEY: &str = "by_key";
+pub const INPUT_TOKENS: &str = "input_tokens";
+pub const OUTPUT_TOKENS: &str = "output_tokens";
+pub const CACHE_READ_TOKENS: &str = "cache_read_tokens";
+pub const CACHE_WRITE_TOKENS: &str = "cache_write_tokens";
+pub const UNPRICED_CALLS: &str = "unpriced_calls";
+
+/// The sparse counters (0.4.0): tokens of each kind and calls without a cost.
+/// A document holds one only while it is not zero, so documents of calls that
+/// report no kinds and carry costs look as before.
+pub const KIND_FIELDS: [&str; 5] = [
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    CACHE_READ_TOKENS,
+    CACHE_WRITE_TOKENS,
+    UNPRICED_CALLS,
+];
 
 /// The integer counters inside `shared_service_usage`, in layout order.
 const SSU_COUNTERS: [&str; 4] = [TOTAL_CALLS, SUCCESSFUL_CALLS, FAILED_CALLS, TOKENS_USED];
 /// Every field of `shared_service_usage` that usage_agg owns (the rest belong
 /// to the application); SQL reads this list through `usage_agg._owned_service_fields()`.
-pub const OWNED_SERVICE_FIELDS: [&str; 8] = [
+pub const OWNED_SERVICE_FIELDS: [&str; 13] = [
     TOTAL_CALLS,
     SUCCESSFUL_CALLS,
     FAILED_CALLS,
@@ -39,6 +55,11 @@ pub const OWNED_SERVICE_FIELDS: [&str; 8] = [
     KEYS_USED,
     BY_MODEL,
     BY_KEY,
+    INPUT_TOKENS,
+    OUTPUT_TOKENS,
+    CACHE_READ_TOKENS,
+    CACHE_WRITE_TOKENS,
+    UNPRICED_CALLS,
 ];
 
 /// A stored document's owned field does not have the shape the fold needs.
@@ -62,12 +83,129 @@ impl std::fmt::Display for CorruptField {
     }
 }
 
+/// Tokens of each kind (NULL counts as 0) and calls without a cost, of a
+/// group of calls; in documents under the names of [`KIND_FIELDS`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Kinds {
+    pub input: i64,
+    pub output: i64,
+    pub cache_read: i64,
+    pub cache_write: i64,
+    pub unpriced: i64,
+}
+
+impl Kinds {
+    /// In the order of [`KIND_FIELDS`].
+    pub fn values(&self) -> [i64; 5] {
+        [
+            self.input,
+            self.output,
+            self.cache_read,
+            self.cache_write,
+            self.unpriced,
+        ]
+    }
+
+    pub fn from_values(v: [i64; 5]) -> Kinds {
+        Kinds {
+            input: v[0],
+            output: v[1],
+            cache_read: v[2],
+            cache_write: v[3],
+            unpriced: v[4],
+        }
+    }
+
+    pub fn add(&mut self, other: &Kinds, sign: i64) {
+        let mut v = self.values();
+        for (a, b) in v.iter_mut().zip(other.values()) {
+            *a += sign * b;
+        }
+        *self = Kinds::from_values(v);
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.values().iter().all(|&v| v == 0)
+    }
+
+    /// Writes the counters that are not zero into `map`.
+    pub fn write(&self, map: &mut Map<String, Value>) {
+        for (field, v) in KIND_FIELDS.into_iter().zip(self.values()) {
+            if v != 0 {
+                map.insert(field.into(), Value::from(v));
+            }
+        }
+    }
+
+    /// Reads the counters of a document object (absent: 0).
+    pub fn read(map: &Map<String, Value>, path: &str) -> Result<Kinds, CorruptField> {
+        let mut v = [0i64; 5];
+        for (slot, field) in v.iter_mut().zip(KIND_FIELDS) {
+            *slot = read_counter(map.get(field), &format!("{path}{field}"))?;
+        }
+        Ok(Kinds::from_values(v))
+    }
+}
+
+/// A sparse counter's value: absent or null is 0.
+fn read_counter(value: Option<&Value>, path: &str) -> Result<i64, CorruptField> {
+    match value {
+        None | Some(Value::Null) => Ok(0),
+        Some(v @ Value::Number(n)) => n.as_i64().ok_or_else(|| corrupt(path, v, "an integer")),
+        Some(other) => Err(corrupt(path, other, "an integer")),
+    }
+}
+
+/// Adds the sparse counters of `delta` into `map` (both document objects; a
+/// delta that is not an object adds nothing). A counter that reaches 0 is
+/// removed. `path` prefixes the field names in errors (empty or ending in `.`).
+pub(crate) fn add_kinds(
+    map: &mut Map<String, Value>,
+    delta: Option<&Value>,
+    path: &str,
+) -> Result<(), CorruptField> {
+    match delta {
+        Some(Value::Object(delta)) => add_kinds_of(map, delta, path),
+        _ => Ok(()),
+    }
+}
+
+/// [`add_kinds`] from a delta object.
+pub(crate) fn add_kinds_of(
+    map: &mut Map<String, Value>,
+    delta: &Map<String, Value>,
+    path: &str,
+) -> Result<(), CorruptField> {
+    for field in KIND_FIELDS {
+        let add = read_counter(delta.get(field), &format!("{path}{field}"))?;
+        if add == 0 {
+            continue;
+        }
+        let sum = read_counter(map.get(field), &format!("{path}{field}"))?
+            .checked_add(add)
+            .ok_or_else(|| {
+                corrupt(
+                    &format!("{path}{field}"),
+                    &Value::from(add),
+                    "a smaller integer",
+                )
+            })?;
+        if sum == 0 {
+            map.remove(field);
+        } else {
+            map.insert(field.into(), Value::from(sum));
+        }
+    }
+    Ok(())
+}
+
 /// Calls, tokens and cost of one model or one key.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Totals {
     pub calls: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
+    pub kinds: Kinds,
 }
 
 impl Totals {
@@ -79,10 +217,11 @@ impl Totals {
         } else {
             self.cost -= &other.cost;
         }
+        self.kinds.add(&other.kinds, sign);
     }
 
     fn is_zero(&self) -> bool {
-        self.calls == 0 && self.tokens == 0 && self.cost.is_zero()
+        self.calls == 0 && self.tokens == 0 && self.cost.is_zero() && self.kinds.is_zero()
     }
 
     fn to_json(&self) -> Value {
@@ -90,13 +229,14 @@ impl Totals {
         m.insert("calls".into(), Value::from(self.calls));
         m.insert("tokens".into(), Value::from(self.tokens));
         m.insert("cost".into(), decimal_json(&self.cost));
+        self.kinds.write(&mut m);
         Value::Object(m)
     }
 }
 
 /// One row of the fold's grouped transition-table query: the calls of one
 /// (user, day, model, key) combination in one statement.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GroupRow {
     pub model: Option<String>,
     pub key: Option<String>,
@@ -104,6 +244,8 @@ pub struct GroupRow {
     pub successful: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
+    /// Tokens by kind and calls without a cost.
+    pub kinds: Kinds,
     /// Newest `created_at` among these calls, microseconds since the Unix epoch;
     /// `None` when the caller recomputes `last_api_call_at` from the detail anyway
     /// (pending calls taken into a correction).
@@ -123,6 +265,7 @@ pub struct DayDelta {
     pub failed: i64,
     pub tokens: i64,
     pub cost: BigDecimal,
+    pub kinds: Kinds,
     pub by_model: BTreeMap<String, Totals>,
     pub by_key: BTreeMap<String, Totals>,
     /// Newest `created_at` among added rows.
@@ -139,7 +282,9 @@ impl DayDelta {
             calls: row.calls,
             tokens: row.tokens,
             cost: row.cost.clone(),
+            kinds: row.kinds,
         };
+        self.kinds.add(&row.kinds, sign);
         self.calls += sign * row.calls;
         self.successful += sign * row.successful;
         self.failed += sign * (row.calls - row.successful);
@@ -183,6 +328,7 @@ impl DayDelta {
             && self.failed == 0
             && self.tokens == 0
             && self.cost.is_zero()
+            && self.kinds.is_zero()
             && self.by_model.values().all(Totals::is_zero)
             && self.by_key.values().all(Totals::is_zero)
             && self.added_last_at == self.removed_last_at
@@ -211,6 +357,7 @@ impl DayDelta {
         ssu.insert(FAILED_CALLS.into(), Value::from(self.failed));
         ssu.insert(TOKENS_USED.into(), Value::from(self.tokens));
         ssu.insert(ESTIMATED_COST.into(), decimal_json(&self.cost));
+        self.kinds.write(&mut ssu);
         let keys: Vec<Value> = self
             .by_key
             .iter()
@@ -319,6 +466,11 @@ pub fn merge_into(
         &path,
         get(delta, &[SHARED_SERVICE_USAGE, ESTIMATED_COST]),
         false,
+    )?;
+    add_kinds(
+        &mut ssu,
+        get(delta, &[SHARED_SERVICE_USAGE]),
+        &format!("{SHARED_SERVICE_USAGE}."),
     )?;
 
     merge_cells(
@@ -613,6 +765,7 @@ fn merge_cells(
                     integer,
                 )?;
             }
+            add_kinds(&mut cell, Some(delta_cell), &format!("{cell_path}."))?;
             let no_calls = match cell.get("calls").and_then(Value::as_i64) {
                 Some(calls) => calls <= 0,
                 None => read_decimal(cell.get("calls"), &cell_path, true)? <= BigDecimal::zero(),
@@ -736,6 +889,7 @@ mod tests {
             last_at_micros: Some(at),
             last_failure_micros: (ok < calls).then_some(at),
             absorbed: false,
+            kinds: Kinds::default(),
         }
     }
 
@@ -762,6 +916,87 @@ mod tests {
                 "last_api_call_at": "2026-01-15T11:45:00Z"
             })
         );
+    }
+
+    #[test]
+    fn kinds_and_unpriced_calls_are_sparse_and_follow_corrections() {
+        let kinds = |i, o, cr, cw, u| Kinds::from_values([i, o, cr, cw, u]);
+        let mut d = DayDelta::default();
+        d.apply(
+            &GroupRow {
+                kinds: kinds(100, 40, 0, 0, 0),
+                ..row(Some("m1"), Some("k1"), 1, 1, 140, "0.01", T0)
+            },
+            false,
+        );
+        d.apply(
+            &GroupRow {
+                kinds: kinds(0, 5, 1000, 0, 1),
+                ..row(Some("m2"), None, 1, 1, 1005, "0", T0)
+            },
+            false,
+        );
+        let doc = d.to_document();
+        assert_eq!(
+            doc["shared_service_usage"],
+            json!({
+                "total_calls": 2, "successful_calls": 2, "failed_calls": 0,
+                "tokens_used": 1145, "estimated_cost": 0.01,
+                "input_tokens": 100, "output_tokens": 45, "cache_read_tokens": 1000,
+                "unpriced_calls": 1,
+                "keys_used": ["k1"],
+                "by_model": {
+                    "m1": {"calls": 1, "tokens": 140, "cost": 0.01,
+                           "input_tokens": 100, "output_tokens": 40},
+                    "m2": {"calls": 1, "tokens": 1005, "cost": 0,
+                           "output_tokens": 5, "cache_read_tokens": 1000, "unpriced_calls": 1}
+                },
+                "by_key": {"k1": {"calls": 1, "tokens": 140, "cost": 0.01,
+                                  "input_tokens": 100, "output_tokens": 40}}
+            })
+        );
+        // Twice, then the unpriced call removed again: its counters go away.
+        let stored = merge_documents(&doc, &doc, None).unwrap();
+        assert_eq!(stored["shared_service_usage"]["unpriced_calls"], json!(2));
+        assert_eq!(
+            stored["shared_service_usage"]["by_model"]["m1"]["input_tokens"],
+            json!(200)
+        );
+        let mut del = DayDelta::default();
+        for _ in 0..2 {
+            del.apply(
+                &GroupRow {
+                    kinds: kinds(0, 5, 1000, 0, 1),
+                    ..row(Some("m2"), None, 1, 1, 1005, "0", T0)
+                },
+                true,
+            );
+        }
+        let fixed = merge_documents(
+            &stored,
+            &del.to_document(),
+            Some(Correction {
+                removed_last_at: T0,
+                detail_last_at: Some(T0),
+            }),
+        )
+        .unwrap();
+        let ssu = &fixed["shared_service_usage"];
+        assert_eq!(ssu.get("unpriced_calls"), None);
+        assert_eq!(ssu.get("cache_read_tokens"), None);
+        assert_eq!(ssu["output_tokens"], json!(80));
+        assert_eq!(ssu["by_model"].get("m2"), None);
+        // Rolled up into a month, the counters add up like the others.
+        let month = rollup_documents(&json!({}), &doc).unwrap();
+        let month = rollup_documents(&month, &doc).unwrap();
+        assert_eq!(
+            month["shared_service_usage"]["cache_read_tokens"],
+            json!(2000)
+        );
+        // A counter that is not an integer is reported with its path.
+        let bad = json!({"shared_service_usage": {"by_model": {"m2": {"calls": 1, "unpriced_calls": "x"}}}});
+        let err = merge_documents(&bad, &doc, None).unwrap_err();
+        assert_eq!(err.field, "shared_service_usage.by_model.m2.unpriced_calls");
     }
 
     #[test]

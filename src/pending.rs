@@ -26,7 +26,7 @@ use crate::plans::{kept_statement, Sql};
 
 /// The columns of pending_deltas, in order, as `sql/schema.sql` creates them:
 /// (type, may be NULL).
-const COLUMNS: [(pg_sys::Oid, bool); 11] = [
+const COLUMNS: [(pg_sys::Oid, bool); 16] = [
     (pg_sys::UUIDOID, false),        // user_id
     (pg_sys::DATEOID, false),        // day
     (pg_sys::TEXTOID, true),         // model_used
@@ -38,6 +38,11 @@ const COLUMNS: [(pg_sys::Oid, bool); 11] = [
     (pg_sys::TIMESTAMPTZOID, false), // last_at
     (pg_sys::TIMESTAMPTZOID, false), // appended_at
     (pg_sys::TIMESTAMPTZOID, true),  // last_failure_at
+    (pg_sys::INT8OID, true),         // input_tokens
+    (pg_sys::INT8OID, true),         // output_tokens
+    (pg_sys::INT8OID, true),         // cache_read_tokens
+    (pg_sys::INT8OID, true),         // cache_write_tokens
+    (pg_sys::INT4OID, true),         // unpriced
 ];
 
 /// An index of pending_deltas that `append_rows` maintains itself.
@@ -50,7 +55,8 @@ struct PlainIndex {
 /// pending_deltas, one row per call, as the SQL path would:
 /// `(user_id, business day, model_used, shared_key_id, 1, success::int,
 /// coalesce(tokens_used, 0), coalesce(cost_estimate, 0), created_at, now(),
-/// created_at when the call failed)`.
+/// created_at when the call failed, the four kinds, 1 when cost_estimate is
+/// NULL)`; NULL stands for 0 in the last five (and costs no space).
 /// Returns false, having written nothing, when pending_deltas is not the plain
 /// table this writes correctly (see the module comment).
 ///
@@ -89,11 +95,20 @@ pub unsafe fn append_rows(data: &pg_sys::TriggerData, timezone: &str) -> bool {
             pg_sys::Datum::from(row.at),
             appended_at,
             pg_sys::Datum::from(row.at),
+            pg_sys::Datum::from(i64::from(row.kinds[0].unwrap_or(0))),
+            pg_sys::Datum::from(i64::from(row.kinds[1].unwrap_or(0))),
+            pg_sys::Datum::from(i64::from(row.kinds[2].unwrap_or(0))),
+            pg_sys::Datum::from(i64::from(row.kinds[3].unwrap_or(0))),
+            pg_sys::Datum::from(1i32),
         ];
         let mut nulls = [false; COLUMNS.len()];
         nulls[2] = row.model.is_none();
         nulls[3] = row.key.is_none();
         nulls[10] = row.success;
+        for (i, kind) in row.kinds.iter().enumerate() {
+            nulls[11 + i] = kind.is_none_or(|n| n == 0);
+        }
+        nulls[15] = row.cost.is_some();
         let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
         // WAL, TOAST, visibility and the statistics counters, as INSERT does.
         pg_sys::simple_heap_insert(relation, tuple);
@@ -242,19 +257,23 @@ kept_statement! {
         sql: Sql::Text("
             INSERT INTO usage_agg.pending_deltas
                    (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at, appended_at,
-                    last_failure_at)
+                    last_failure_at, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, unpriced)
             SELECT u.user_id, DATE '2000-01-01' + u.day, u.model, u.key::uuid, u.calls, u.ok, u.tokens,
                    u.cost::numeric, u.last_at::timestamptz, COALESCE(u.appended_at::timestamptz, pg_catalog.now()),
-                   u.last_failure_at::timestamptz
+                   u.last_failure_at::timestamptz, NULLIF(x.k[1], 0), NULLIF(x.k[2], 0), NULLIF(x.k[3], 0),
+                   NULLIF(x.k[4], 0), NULLIF(x.k[5], 0)::int4
               FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]),
                               pg_catalog.unnest($3::text[]), pg_catalog.unnest($4::text[]),
                               pg_catalog.unnest($5::int4[]), pg_catalog.unnest($6::int4[]),
                               pg_catalog.unnest($7::int8[]), pg_catalog.unnest($8::text[]),
                               pg_catalog.unnest($9::text[]), pg_catalog.unnest($10::text[]),
-                              pg_catalog.unnest($11::text[]))
-                   AS u(user_id, day, model, key, calls, ok, tokens, cost, last_at, appended_at, last_failure_at)"),
+                              pg_catalog.unnest($11::text[]), pg_catalog.unnest($12::text[]))
+                   AS u(user_id, day, model, key, calls, ok, tokens, cost, last_at, appended_at, last_failure_at,
+                        kinds),
+                   LATERAL (SELECT u.kinds::int8[] AS k) x"),
         args: [UUIDARRAYOID, INT4ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT4ARRAYOID,
-               INT4ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID],
+               INT4ARRAYOID, INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+               TEXTARRAYOID],
         mutating: true,
     }
 }
@@ -267,11 +286,13 @@ kept_statement! {
         sql: Sql::Text("
             INSERT INTO usage_agg.pending_deltas
                    (user_id, day, model_used, shared_key_id, calls, successful, tokens, cost, last_at,
-                    last_failure_at)
+                    last_failure_at, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, unpriced)
             SELECT t.user_id, (t.created_at AT TIME ZONE $1)::date, t.model_used, t.shared_key_id,
                    1, CASE WHEN t.success THEN 1 ELSE 0 END,
                    COALESCE(t.tokens_used, 0), COALESCE(t.cost_estimate, 0), t.created_at,
-                   CASE WHEN t.success THEN NULL ELSE t.created_at END
+                   CASE WHEN t.success THEN NULL ELSE t.created_at END,
+                   NULLIF(t.input_tokens, 0), NULLIF(t.output_tokens, 0), NULLIF(t.cache_read_tokens, 0),
+                   NULLIF(t.cache_write_tokens, 0), CASE WHEN t.cost_estimate IS NULL THEN 1 END
               FROM usage_agg_new_rows t"),
         args: [TEXTOID],
         mutating: true,
@@ -293,6 +314,8 @@ pub fn append_groups(client: &SpiClient<'_>, groups: &[Group], appended_at: &FxH
         Vec::with_capacity(n),
     );
     let mut last_failure = Vec::with_capacity(n);
+    // The five sparse counters of a group as one array literal ("{1,2,0,0,0}").
+    let mut kinds = Vec::with_capacity(n);
     let (mut calls, mut ok, mut tokens, mut costs, mut last_at, mut first_appended) = (
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -318,6 +341,8 @@ pub fn append_groups(client: &SpiClient<'_>, groups: &[Group], appended_at: &FxH
         costs.push(row.cost.to_string());
         last_at.push(row.last_at_micros.map(logdata::format_micros));
         last_failure.push(row.last_failure_micros.map(logdata::format_micros));
+        let v = row.kinds.values();
+        kinds.push(format!("{{{},{},{},{},{}}}", v[0], v[1], v[2], v[3], v[4]));
         first_appended.push(appended_at.get(key).map(|&t| logdata::format_micros(t)));
     }
     APPEND_GROUPS.run(
@@ -334,6 +359,7 @@ pub fn append_groups(client: &SpiClient<'_>, groups: &[Group], appended_at: &FxH
             last_at.into(),
             first_appended.into(),
             last_failure.into(),
+            kinds.into(),
         ],
     );
 }

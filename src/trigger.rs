@@ -122,7 +122,13 @@ fn fold_key_usage_logs<'a>(
 
             let mut rows = Vec::new();
             if has_old {
-                fold::read_groups_in_sql(client, true, &config.timezone, &mut rows);
+                fold::read_groups_in_sql(
+                    client,
+                    true,
+                    config.current_catalog,
+                    &config.timezone,
+                    &mut rows,
+                );
             }
             if has_new {
                 // SAFETY: tg_newtable and tg_relation belong to this trigger call.
@@ -132,11 +138,18 @@ fn fold_key_usage_logs<'a>(
                         data.tg_newtable,
                         (*data.tg_relation).rd_att,
                         &config.timezone,
+                        config.current_catalog,
                     )
                 };
                 match grouped {
                     Some(groups) => rows.extend(groups),
-                    None => fold::read_groups_in_sql(client, false, &config.timezone, &mut rows),
+                    None => fold::read_groups_in_sql(
+                        client,
+                        false,
+                        config.current_catalog,
+                        &config.timezone,
+                        &mut rows,
+                    ),
                 }
             }
             if rows.is_empty() {

@@ -434,6 +434,189 @@ fn unpriced_calls_are_listed_then_priced_by_reprice_calls() {
     }
 }
 
+const K1: &str = "e1000000-0000-0000-0000-0000000000a1";
+const K2: &str = "e1000000-0000-0000-0000-0000000000a2";
+
+/// Tokens by kind and unpriced calls of U1 per day, model and key, and of
+/// K1 and K2 per day and model, as the BI views show them (pending calls
+/// included where the view adds them): "scope date in out cache_read
+/// cache_write unpriced".
+fn kinds(c: &mut Client) -> Vec<String> {
+    texts(
+        c,
+        "SELECT s || ' ' || d || ' ' || i || ' ' || o || ' ' || cr || ' ' || cw || ' ' || u FROM (
+             SELECT 'day' AS s, date::text AS d, input_tokens AS i, output_tokens AS o, cache_read_tokens AS cr,
+                    cache_write_tokens AS cw, unpriced_calls AS u
+               FROM usage_agg.daily_usage WHERE user_id = $1::text::uuid
+             UNION ALL
+             SELECT 'model:' || model, date::text, input_tokens, output_tokens, cache_read_tokens,
+                    cache_write_tokens, unpriced_calls
+               FROM usage_agg.daily_usage_by_model WHERE user_id = $1::text::uuid
+             UNION ALL
+             SELECT 'key:' || right(shared_key_id::text, 2), date::text, input_tokens, output_tokens,
+                    cache_read_tokens, cache_write_tokens, unpriced_calls
+               FROM usage_agg.daily_usage_by_key WHERE user_id = $1::text::uuid
+             UNION ALL
+             SELECT 'month', month::text, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                    unpriced_calls
+               FROM usage_agg.monthly_usage WHERE user_id = $1::text::uuid
+             UNION ALL
+             SELECT 'month-model:' || model, month::text, input_tokens, output_tokens, cache_read_tokens,
+                    cache_write_tokens, unpriced_calls
+               FROM usage_agg.monthly_usage_by_model WHERE user_id = $1::text::uuid
+             UNION ALL
+             SELECT 'keyday:' || right(shared_key_id::text, 2), date::text, input_tokens, output_tokens,
+                    cache_read_tokens, cache_write_tokens, unpriced_calls
+               FROM usage_agg.key_daily_usage
+             UNION ALL
+             SELECT 'keyday-model:' || right(shared_key_id::text, 2) || ':' || model, date::text, input_tokens,
+                    output_tokens, cache_read_tokens, cache_write_tokens, unpriced_calls
+               FROM usage_agg.key_daily_usage_by_model
+             UNION ALL
+             SELECT 'keymonth:' || right(shared_key_id::text, 2), month::text, input_tokens, output_tokens,
+                    cache_read_tokens, cache_write_tokens, unpriced_calls
+               FROM usage_agg.key_monthly_usage
+             UNION ALL
+             SELECT 'service', date::text, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                    unpriced_calls
+               FROM usage_agg.service_daily_usage) x
+          ORDER BY 1",
+        &[&U1],
+    )
+}
+
+#[test]
+fn token_kinds_and_unpriced_calls_reach_every_aggregate_exactly() {
+    for mode in [FoldMode::Default, FoldMode::Async] {
+        let db = mode.db("prices_kinds_aggregates");
+        let mut c = db.connect();
+        // One call at a time (appended without SPI in async mode), a call
+        // without kinds or cost, 70 calls in one statement (grouped in Rust;
+        // every even one without a cost), and a call in August.
+        c.batch_execute(&format!(
+            "INSERT INTO usage_agg.key_usage_logs (request_id, user_id, shared_key_id, model_used, created_at,
+                                                   input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
+                                                   cost_estimate)
+             VALUES ('a1', '{U1}', '{K1}', 'm1', '2026-11-20 10:00Z', 100, 20, 300, 4, 0.1);
+             INSERT INTO usage_agg.key_usage_logs (request_id, user_id, shared_key_id, model_used, created_at, tokens_used)
+             VALUES ('a2', '{U1}', '{K1}', 'm1', '2026-11-20 11:00Z', 50);
+             INSERT INTO usage_agg.key_usage_logs (request_id, user_id, shared_key_id, model_used, created_at,
+                                                   input_tokens, output_tokens, cost_estimate)
+             SELECT 'g' || i, '{U1}', '{K2}', 'm2', '2026-11-20 12:00Z'::timestamptz + i * interval '1 second', i, 2,
+                    CASE WHEN i % 2 = 1 THEN 0.01 END
+               FROM generate_series(1, 70) i;
+             INSERT INTO usage_agg.key_usage_logs (request_id, user_id, shared_key_id, model_used, created_at,
+                                                   input_tokens, output_tokens)
+             VALUES ('a3', '{U1}', '{K1}', 'm1', '2026-08-10 10:00Z', 10, 5);"
+        ))
+        .unwrap();
+        // The per-key views add what is pending: exact before any apply.
+        let key_rows = |c: &mut Client| -> Vec<String> {
+            kinds(c)
+                .into_iter()
+                .filter(|r| {
+                    r.starts_with("keyday") || r.starts_with("keymonth") || r.starts_with("service")
+                })
+                .collect()
+        };
+        let keys_before = vec![
+            "keyday-model:a1:m1 2026-08-10 10 5 0 0 1",
+            "keyday-model:a1:m1 2026-11-20 100 20 300 4 1",
+            "keyday-model:a2:m2 2026-11-20 2485 140 0 0 35",
+            "keyday:a1 2026-08-10 10 5 0 0 1",
+            "keyday:a1 2026-11-20 100 20 300 4 1",
+            "keyday:a2 2026-11-20 2485 140 0 0 35",
+            "keymonth:a1 2026-08-01 10 5 0 0 1",
+            "keymonth:a1 2026-11-01 100 20 300 4 1",
+            "keymonth:a2 2026-11-01 2485 140 0 0 35",
+            "service 2026-08-10 10 5 0 0 1",
+            "service 2026-11-20 2585 160 300 4 36",
+        ];
+        assert_eq!(key_rows(&mut c), keys_before);
+        mode.settle(&mut c, 73);
+        assert_eq!(key_rows(&mut c), keys_before);
+        exact(&mut c);
+
+        // Corrections: a2 gets a cost and its kinds, g2 (unpriced) is deleted.
+        c.batch_execute(
+            "UPDATE usage_agg.key_usage_logs SET cost_estimate = 0.2, input_tokens = 50 WHERE request_id = 'a2';
+             DELETE FROM usage_agg.key_usage_logs WHERE request_id = 'g2';",
+        )
+        .unwrap();
+        mode.settle_all(&mut c);
+        assert_eq!(
+            kinds(&mut c),
+            vec![
+                "day 2026-08-10 10 5 0 0 1",
+                "day 2026-11-20 2633 158 300 4 34",
+                "key:a1 2026-08-10 10 5 0 0 1",
+                "key:a1 2026-11-20 150 20 300 4 0",
+                "key:a2 2026-11-20 2483 138 0 0 34",
+                "keyday-model:a1:m1 2026-08-10 10 5 0 0 1",
+                "keyday-model:a1:m1 2026-11-20 150 20 300 4 0",
+                "keyday-model:a2:m2 2026-11-20 2483 138 0 0 34",
+                "keyday:a1 2026-08-10 10 5 0 0 1",
+                "keyday:a1 2026-11-20 150 20 300 4 0",
+                "keyday:a2 2026-11-20 2483 138 0 0 34",
+                "keymonth:a1 2026-08-01 10 5 0 0 1",
+                "keymonth:a1 2026-11-01 150 20 300 4 0",
+                "keymonth:a2 2026-11-01 2483 138 0 0 34",
+                "model:m1 2026-08-10 10 5 0 0 1",
+                "model:m1 2026-11-20 150 20 300 4 0",
+                "model:m2 2026-11-20 2483 138 0 0 34",
+                "month 2026-08-01 10 5 0 0 1",
+                "month 2026-11-01 2633 158 300 4 34",
+                "month-model:m1 2026-08-01 10 5 0 0 1",
+                "month-model:m1 2026-11-01 150 20 300 4 0",
+                "month-model:m2 2026-11-01 2483 138 0 0 34",
+                "service 2026-08-10 10 5 0 0 1",
+                "service 2026-11-20 2633 158 300 4 34",
+            ]
+        );
+        exact(&mut c);
+        assert_eq!(
+            texts(
+                &mut c,
+                "SELECT shared_key_id::text || ' ' || date || ' ' || field
+                   FROM usage_agg.verify_key_daily_logs('2026-01-01', '2026-12-31')",
+                &[]
+            ),
+            Vec::<String>::new()
+        );
+        // Sparse: a counter that is zero is not in the document.
+        assert_eq!(
+            scalar_text(
+                &mut c,
+                &format!(
+                    "SELECT log_data#>>'{{shared_service_usage,by_model,m1}}' FROM usage_agg.daily_logs
+                      WHERE user_id = '{U1}' AND date = '2026-11-20'"
+                )
+            ),
+            Some(
+                r#"{"cost": 0.3, "calls": 2, "tokens": 474, "input_tokens": 150, "output_tokens": 20, "cache_read_tokens": 300, "cache_write_tokens": 4}"#
+                    .to_string()
+            )
+        );
+
+        // August expires (detail retention: 30 days, daily: 90) and rolls up
+        // into its month: the months keep the counters.
+        scalar_i64(&mut c, "SELECT usage_agg.cleanup_old_key_usage_logs()");
+        scalar_i64(&mut c, "SELECT usage_agg.cleanup_old_daily_logs()");
+        let months: Vec<String> = kinds(&mut c)
+            .into_iter()
+            .filter(|r| r.contains("2026-08"))
+            .collect();
+        assert_eq!(
+            months,
+            vec![
+                "keymonth:a1 2026-08-01 10 5 0 0 1",
+                "month 2026-08-01 10 5 0 0 1",
+                "month-model:m1 2026-08-01 10 5 0 0 1",
+            ]
+        );
+    }
+}
+
 #[test]
 fn reprice_calls_touches_only_table_prices_through_corrections() {
     for mode in [FoldMode::Default, FoldMode::Async] {

@@ -21,11 +21,19 @@ LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
 ALTER TABLE usage_agg.pending_deltas ADD COLUMN last_failure_at timestamptz;
 -- One row per call (all but bulk groups): exact; a bulk group: its newest call.
 UPDATE usage_agg.pending_deltas SET last_failure_at = last_at WHERE successful < calls;
+-- Tokens by kind and calls without a cost (NULL: 0). A pending call of 0.3.0
+-- does not say whether its cost was NULL: the update folds those calls below
+-- and counts unpriced calls from the detail instead.
+ALTER TABLE usage_agg.pending_deltas ADD COLUMN input_tokens bigint, ADD COLUMN output_tokens bigint,
+    ADD COLUMN cache_read_tokens bigint, ADD COLUMN cache_write_tokens bigint, ADD COLUMN unpriced integer;
 
 -- The totals and cells of a user's document read in one place each, inlined
 -- into the queries that read them (budgets.sql and keys.sql below use them).
 -- @create usage_agg._totals
--- @replace usage_agg._cells
+-- @create usage_agg._document_cells
+-- @create usage_agg._kinds
+-- @create usage_agg._kinds_json
+-- @replace usage_agg._aggregates
 -- The days of a range that still have detail, for verify and rebuild.
 -- @create usage_agg._detail_from
 
@@ -146,10 +154,20 @@ REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_
 -- @replace usage_agg.usage_summary
 -- @replace usage_agg.daily_usage
 -- @replace usage_agg.monthly_usage
+-- @replace usage_agg.daily_usage_by_model
+-- @replace usage_agg.daily_usage_by_key
+-- @replace usage_agg.monthly_usage_by_model
+-- @replace usage_agg.monthly_usage_by_key
+-- Replaced by _document_cells (which reads the token kinds too).
+DROP FUNCTION usage_agg._cells(jsonb, text);
 
 -- CREATE OR REPLACE VIEW resets the view's options.
 ALTER VIEW usage_agg.daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.monthly_usage SET (security_invoker = true);
+ALTER VIEW usage_agg.daily_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.daily_usage_by_key SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage_by_model SET (security_invoker = true);
+ALTER VIEW usage_agg.monthly_usage_by_key SET (security_invoker = true);
 ALTER VIEW usage_agg.maintenance_health SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage SET (security_invoker = true);
 ALTER VIEW usage_agg.key_daily_usage_by_model SET (security_invoker = true);
@@ -167,6 +185,57 @@ REVOKE EXECUTE ON FUNCTION usage_agg.reprice_calls(timestamptz, timestamptz, int
 -- Filling the new tables from what the database holds.
 -- ---------------------------------------------------------------------------
 
+-- The calls still pending are folded into daily_logs now (a (user, day) the
+-- applier could not fold stays pending), so that every call of a day with
+-- detail has its day row and cell for the unpriced counts below.
+WITH range AS (
+    SELECT min(p.day) AS first_day, max(p.day) AS last_day FROM usage_agg.pending_deltas p
+), pending AS (
+    SELECT a.user_id, a.date, a.log_data
+      FROM range r CROSS JOIN LATERAL usage_agg._aggregates(r.first_day, r.last_day) a
+     WHERE r.first_day IS NOT NULL AND a.source = 'pending'
+       AND NOT EXISTS (SELECT 1 FROM usage_agg.fold_skipped s WHERE s.user_id = a.user_id AND s.day = a.date)
+), folded AS (
+    INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+    SELECT p.user_id, p.date, p.log_data, now() FROM pending p
+    ON CONFLICT (user_id, date) DO UPDATE
+       SET log_data = usage_agg._rollup_merge(d.log_data, EXCLUDED.log_data), last_modified = now()
+    RETURNING d.user_id, d.date
+)
+DELETE FROM usage_agg.pending_deltas q USING folded f WHERE q.user_id = f.user_id AND q.day = f.date;
+
+-- Calls without a cost in the days that have detail: unpriced_calls of the day,
+-- its models and its keys. (No call of 0.3.0 reports token kinds.) Months and
+-- days without detail cannot tell and count none.
+WITH horizon AS (
+    SELECT h.detail_kept_from AS day, usage_agg._timezone() AS tz FROM usage_agg.retention_horizon h
+), calls AS (
+    SELECT k.user_id, (k.created_at AT TIME ZONE h.tz)::date AS day, k.model_used AS model,
+           k.shared_key_id::text AS key
+      FROM usage_agg.key_usage_logs k, horizon h
+     WHERE k.cost_estimate IS NULL AND k.created_at >= usage_agg._day_start(h.day, h.tz)
+), per_day AS (
+    SELECT c.user_id, c.day, count(*) AS n FROM calls c GROUP BY c.user_id, c.day
+), per_model AS (
+    SELECT m.user_id, m.day, jsonb_object_agg(m.model, jsonb_build_object('unpriced_calls', m.n)) AS cells
+      FROM (SELECT c.user_id, c.day, c.model, count(*) AS n FROM calls c WHERE c.model IS NOT NULL
+             GROUP BY c.user_id, c.day, c.model) m
+     GROUP BY m.user_id, m.day
+), per_key AS (
+    SELECT k.user_id, k.day, jsonb_object_agg(k.key, jsonb_build_object('unpriced_calls', k.n)) AS cells
+      FROM (SELECT c.user_id, c.day, c.key, count(*) AS n FROM calls c WHERE c.key IS NOT NULL
+             GROUP BY c.user_id, c.day, c.key) k
+     GROUP BY k.user_id, k.day
+)
+UPDATE usage_agg.daily_logs d
+   SET log_data = usage_agg._rollup_merge(d.log_data, jsonb_build_object('shared_service_usage', jsonb_build_object(
+           'unpriced_calls', p.n, 'by_model', COALESCE(m.cells, '{}'::jsonb), 'by_key', COALESCE(k.cells, '{}'::jsonb))))
+  FROM per_day p
+  LEFT JOIN per_model m ON m.user_id = p.user_id AND m.day = p.day
+  LEFT JOIN per_key k ON k.user_id = p.user_id AND k.day = p.day
+ WHERE d.user_id = p.user_id AND d.date = p.day
+   AND NOT EXISTS (SELECT 1 FROM usage_agg.pending_deltas q WHERE q.user_id = p.user_id AND q.day = p.day);
+
 -- Days with detail: a GROUP BY over it, less the calls still pending (the
 -- next apply adds those, as it does for every pending call). Users of a key (or
 -- of the service) on a day: the users whose day row lists the key (has calls).
@@ -176,11 +245,13 @@ WITH horizon AS (
     SELECT k.shared_key_id AS key, (k.created_at AT TIME ZONE h.tz)::date AS day, k.model_used AS model,
            1 AS n, CASE WHEN k.success THEN 1 ELSE 0 END AS ok, COALESCE(k.tokens_used, 0)::bigint AS tokens,
            COALESCE(k.cost_estimate, 0) AS cost, k.created_at AS at,
-           CASE WHEN NOT k.success THEN k.created_at END AS failed_at
+           CASE WHEN NOT k.success THEN k.created_at END AS failed_at,
+           CASE WHEN k.cost_estimate IS NULL THEN 1 ELSE 0 END AS unpriced
       FROM usage_agg.key_usage_logs k, horizon h
      WHERE k.created_at >= usage_agg._day_start(h.day, h.tz)
     UNION ALL
-    SELECT p.shared_key_id, p.day, p.model_used, -p.calls, -p.successful, -p.tokens, -p.cost, NULL, NULL
+    -- (Their unpriced calls are counted here: the apply adds none for them.)
+    SELECT p.shared_key_id, p.day, p.model_used, -p.calls, -p.successful, -p.tokens, -p.cost, NULL, NULL, 0
       FROM usage_agg.pending_deltas p, horizon h
      WHERE p.day >= h.day
 ), scoped AS (
@@ -190,16 +261,17 @@ WITH horizon AS (
 ), per_model AS (
     SELECT m.scope, m.day,
            jsonb_object_agg(m.model, jsonb_build_object('calls', m.n, 'failed', m.failed,
-                                                        'tokens', m.tokens, 'cost', m.cost)) AS by_model
+                                                        'tokens', m.tokens, 'cost', m.cost)
+                                     || usage_agg._kinds_json(0, 0, 0, 0, m.unpriced)) AS by_model
       FROM (SELECT s.scope, s.day, s.model, sum(s.n) AS n, sum(s.n - s.ok) AS failed,
-                   sum(s.tokens) AS tokens, sum(s.cost) AS cost
+                   sum(s.tokens) AS tokens, sum(s.cost) AS cost, sum(s.unpriced) AS unpriced
               FROM scoped s WHERE s.model IS NOT NULL
              GROUP BY s.scope, s.day, s.model
-            HAVING sum(s.n) <> 0 OR sum(s.tokens) <> 0 OR sum(s.cost) <> 0) m
+            HAVING sum(s.n) <> 0 OR sum(s.tokens) <> 0 OR sum(s.cost) <> 0 OR sum(s.unpriced) <> 0) m
      GROUP BY m.scope, m.day
 ), per_day AS (
     SELECT s.scope, s.day, sum(s.n) AS n, sum(s.ok) AS ok, sum(s.tokens) AS tokens, sum(s.cost) AS cost,
-           max(s.at) AS at, max(s.failed_at) AS failed_at
+           max(s.at) AS at, max(s.failed_at) AS failed_at, sum(s.unpriced) AS unpriced
       FROM scoped s GROUP BY s.scope, s.day
 ), docs AS (
     SELECT d.scope, d.day,
@@ -214,10 +286,11 @@ WITH horizon AS (
                                       AND u.log_data->'shared_service_usage'->'by_key' ? d.scope::text) END,
                'by_model', COALESCE(m.by_model, '{}'::jsonb),
                'last_call_at', usage_agg._iso_utc(d.at),
-               'last_failure_at', usage_agg._iso_utc(d.failed_at)) AS log_data
+               'last_failure_at', usage_agg._iso_utc(d.failed_at))
+           || usage_agg._kinds_json(0, 0, 0, 0, d.unpriced) AS log_data
       FROM per_day d
       LEFT JOIN per_model m ON m.scope IS NOT DISTINCT FROM d.scope AND m.day = d.day
-     WHERE d.n <> 0 OR d.tokens <> 0 OR d.cost <> 0
+     WHERE d.n <> 0 OR d.tokens <> 0 OR d.cost <> 0 OR d.unpriced <> 0
 ), keys AS (
     INSERT INTO usage_agg.key_daily_logs (shared_key_id, date, log_data)
     SELECT d.scope, d.day, d.log_data FROM docs d WHERE d.scope IS NOT NULL
