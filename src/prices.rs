@@ -17,7 +17,7 @@ use pgrx::heap_tuple::PgHeapTupleError;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::{AnyNumeric, PgSqlErrorCode, WhoAllocated};
+use pgrx::{AllocatedByPostgres, AnyNumeric, PgSqlErrorCode, WhoAllocated};
 use rustc_hash::FxHashMap;
 
 use crate::errors;
@@ -200,9 +200,60 @@ fn read_call<A: WhoAllocated>(row: &PgHeapTuple<'_, A>) -> Call {
     }
 }
 
-fn set<T: IntoDatum>(row: &mut PgHeapTuple<'_, pgrx::AllocatedByRust>, column: &str, value: T) {
-    row.set_by_name(column, value)
-        .unwrap_or_else(|e| errors::internal("setting a column of usage_agg.key_usage_logs", e));
+/// The columns the trigger writes, applied to the row with one
+/// `heap_modify_tuple` (pgrx's `set_by_name` forms a new tuple per column).
+#[derive(Default)]
+struct Edits(Vec<(&'static str, Option<pg_sys::Datum>)>);
+
+impl Edits {
+    fn set(&mut self, column: &'static str, value: Option<pg_sys::Datum>) {
+        self.0.push((column, value));
+    }
+
+    /// The row with the edits applied (the row itself when there are none).
+    fn apply<'a>(
+        self,
+        trigger: &'a PgTrigger<'a>,
+        row: PgHeapTuple<'a, AllocatedByPostgres>,
+    ) -> PgHeapTuple<'a, AllocatedByPostgres> {
+        if self.0.is_empty() {
+            return row;
+        }
+        let mut replace = Vec::with_capacity(self.0.len());
+        for (column, value) in self.0 {
+            let (attno, _) = row.get_attribute_by_name(column).unwrap_or_else(|| {
+                errors::internal(
+                    "setting a column of usage_agg.key_usage_logs",
+                    format!("no column {column}"),
+                )
+            });
+            replace.push((attno.get() - 1, value));
+        }
+        // SAFETY: tg_relation is the trigger's relation and `row` its new
+        // tuple, both valid for this call; heap_modify_tuple copies the
+        // values into a new tuple in the current (per-tuple) memory context,
+        // which the executor reads before it is reset.
+        unsafe {
+            let tupdesc = (*trigger.trigger_data().tg_relation).rd_att;
+            let natts = (*tupdesc).natts as usize;
+            let mut values = vec![pg_sys::Datum::from(0usize); natts];
+            let mut nulls = vec![false; natts];
+            let mut replaced = vec![false; natts];
+            for (i, value) in replace {
+                values[i] = value.unwrap_or(pg_sys::Datum::from(0usize));
+                nulls[i] = value.is_none();
+                replaced[i] = true;
+            }
+            let tuple = pg_sys::heap_modify_tuple(
+                row.into_pg(),
+                tupdesc,
+                values.as_mut_ptr(),
+                nulls.as_mut_ptr(),
+                replaced.as_mut_ptr(),
+            );
+            PgHeapTuple::from_heap_tuple(pgrx::PgTupleDesc::from_pg_unchecked(tupdesc), tuple)
+        }
+    }
 }
 
 /// `BEFORE INSERT` (only for rows without a cost, or with kinds and no
@@ -219,13 +270,13 @@ COMMENT ON FUNCTION usage_agg._price_call() IS
 ")]
 fn price_call<'a>(
     trigger: &'a PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByRust>>, PgHeapTupleError> {
+) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, PgHeapTupleError> {
     let Some(new) = trigger.new() else {
         return Ok(None);
     };
     let call = read_call(&new);
     let old = trigger.old().map(|old| read_call(&old));
-    let mut row = new.into_owned();
+    let mut edits = Edits::default();
 
     let tokens_used = match &old {
         None => pricing::derived_tokens_used(call.tokens_used, &call.kinds),
@@ -235,7 +286,7 @@ fn price_call<'a>(
     }
     .unwrap_or_else(|sum| tokens_out_of_range(sum));
     if let Some(t) = tokens_used {
-        set(&mut row, "tokens_used", t);
+        edits.set("tokens_used", Some(pg_sys::Datum::from(t)));
     }
     let tokens_used = tokens_used.or(call.tokens_used);
 
@@ -253,9 +304,7 @@ fn price_call<'a>(
     );
     match action {
         pricing::CostAction::Keep => {}
-        pricing::CostAction::ClearSource => {
-            set(&mut row, "price_valid_from", None::<TimestampWithTimeZone>)
-        }
+        pricing::CostAction::ClearSource => edits.set("price_valid_from", None),
         pricing::CostAction::Price => {
             match price_call_at(
                 call.model.as_deref(),
@@ -264,17 +313,18 @@ fn price_call<'a>(
                 &call.kinds,
             ) {
                 Some((cost, valid_from)) => {
-                    set(&mut row, "cost_estimate", to_numeric(&cost));
-                    set(&mut row, "price_valid_from", to_timestamptz(valid_from));
+                    edits.set("cost_estimate", to_numeric(&cost).into_datum());
+                    // A timestamptz datum is its microseconds.
+                    edits.set("price_valid_from", Some(pg_sys::Datum::from(valid_from)));
                 }
                 None => {
-                    set(&mut row, "cost_estimate", None::<AnyNumeric>);
-                    set(&mut row, "price_valid_from", None::<TimestampWithTimeZone>);
+                    edits.set("cost_estimate", None);
+                    edits.set("price_valid_from", None);
                 }
             }
         }
     }
-    Ok(Some(row))
+    Ok(Some(edits.apply(trigger, new)))
 }
 
 /// A negative count given to call_cost (SQLSTATE 22023).
