@@ -408,7 +408,8 @@ $$;
 -- contains `at`. users: distinct users today (months have none).
 CREATE FUNCTION usage_agg.key_usage_summary(shared_key_id uuid, at timestamptz DEFAULT now())
 RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, failure_rate numeric,
-               tokens bigint, cost numeric, users bigint)
+               tokens bigint, cost numeric, users bigint, input_tokens bigint, output_tokens bigint,
+               cache_read_tokens bigint, cache_write_tokens bigint, unpriced_calls bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -432,23 +433,27 @@ BEGIN
         SELECT k.date AS day, false AS is_month,
                (k.log_data->>'total_calls')::bigint AS calls, (k.log_data->>'successful_calls')::bigint AS ok,
                (k.log_data->>'failed_calls')::bigint AS failed, (k.log_data->>'tokens_used')::bigint AS tokens,
-               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users
-          FROM usage_agg.key_daily_logs k
+               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users,
+               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
+          FROM usage_agg.key_daily_logs k CROSS JOIN LATERAL usage_agg._kinds(k.log_data) kk
          WHERE k.shared_key_id = $1 AND k.date <= v_day
         UNION ALL
         SELECT q.day, false, (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
                (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
-               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint
-          FROM usage_agg.pending_key_deltas q
+               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
          WHERE q.shared_key_id = $1 AND q.day <= v_day
         UNION ALL
         -- day + 0: see key_daily_usage.
         SELECT p.day, false, p.calls::bigint, p.successful::bigint, (p.calls - p.successful)::bigint, p.tokens, p.cost,
-               CASE WHEN p.day = v_day THEN 0 END
+               CASE WHEN p.day = v_day THEN 0 END,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
           FROM usage_agg.pending_deltas p
          WHERE p.shared_key_id = $1 AND p.day + 0 <= v_day
         UNION ALL
-        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id)
+        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id), 0, 0, 0, 0, 0
           FROM usage_agg.pending_deltas p
          WHERE p.shared_key_id = $1 AND p.day + 0 = v_day
            AND NOT EXISTS (SELECT 1 FROM usage_agg.daily_logs d
@@ -457,8 +462,9 @@ BEGIN
         UNION ALL
         SELECT m.month, true, (m.log_data->>'total_calls')::bigint, (m.log_data->>'successful_calls')::bigint,
                (m.log_data->>'failed_calls')::bigint, (m.log_data->>'tokens_used')::bigint,
-               (m.log_data->>'estimated_cost')::numeric, NULL
-          FROM usage_agg.key_monthly_logs m
+               (m.log_data->>'estimated_cost')::numeric, NULL,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.key_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
          WHERE m.shared_key_id = $1 AND m.month <= v_month
     ), sums AS (
         SELECT sum(x.calls) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_calls,
@@ -467,25 +473,41 @@ BEGIN
                sum(x.tokens) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_tokens,
                sum(x.cost) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cost,
                sum(x.users) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_users,
+               sum(x.i) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_i,
+               sum(x.o) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_o,
+               sum(x.cr) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cr,
+               sum(x.cw) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cw,
+               sum(x.u) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_u,
                sum(x.calls) FILTER (WHERE x.day >= v_month) AS m_calls,
                sum(x.ok) FILTER (WHERE x.day >= v_month) AS m_ok,
                sum(x.failed) FILTER (WHERE x.day >= v_month) AS m_failed,
                sum(x.tokens) FILTER (WHERE x.day >= v_month) AS m_tokens,
                sum(x.cost) FILTER (WHERE x.day >= v_month) AS m_cost,
+               sum(x.i) FILTER (WHERE x.day >= v_month) AS m_i,
+               sum(x.o) FILTER (WHERE x.day >= v_month) AS m_o,
+               sum(x.cr) FILTER (WHERE x.day >= v_month) AS m_cr,
+               sum(x.cw) FILTER (WHERE x.day >= v_month) AS m_cw,
+               sum(x.u) FILTER (WHERE x.day >= v_month) AS m_u,
                sum(x.calls) AS a_calls, sum(x.ok) AS a_ok, sum(x.failed) AS a_failed,
-               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost
+               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost,
+               sum(x.i) AS a_i, sum(x.o) AS a_o, sum(x.cr) AS a_cr, sum(x.cw) AS a_cw, sum(x.u) AS a_u
           FROM parts x
     )
     SELECT w.period, COALESCE(w.calls, 0)::bigint, COALESCE(w.ok, 0)::bigint, COALESCE(w.failed, 0)::bigint,
            CASE WHEN COALESCE(w.calls, 0) > 0 THEN round(w.failed::numeric / w.calls, 4) END,
            COALESCE(w.tokens, 0)::bigint, COALESCE(w.cost, 0),
-           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END
+           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END,
+           COALESCE(w.i, 0)::bigint, COALESCE(w.o, 0)::bigint, COALESCE(w.cr, 0)::bigint,
+           COALESCE(w.cw, 0)::bigint, COALESCE(w.u, 0)::bigint
       FROM sums s
      CROSS JOIN LATERAL (VALUES
-           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users),
-           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL),
-           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL))
-           AS w(period, ord, calls, ok, failed, tokens, cost, users)
+           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users,
+            s.t_i, s.t_o, s.t_cr, s.t_cw, s.t_u),
+           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL,
+            s.m_i, s.m_o, s.m_cr, s.m_cw, s.m_u),
+           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL,
+            s.a_i, s.a_o, s.a_cr, s.a_cw, s.a_u))
+           AS w(period, ord, calls, ok, failed, tokens, cost, users, i, o, cr, cw, u)
      ORDER BY w.ord;
 END;
 $$;
@@ -497,7 +519,8 @@ COMMENT ON FUNCTION usage_agg.key_usage_summary(uuid, timestamptz) IS
 -- and counting them exactly would read every user).
 CREATE FUNCTION usage_agg.usage_overview(at timestamptz DEFAULT now())
 RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, failure_rate numeric,
-               tokens bigint, cost numeric, active_users bigint)
+               tokens bigint, cost numeric, active_users bigint, input_tokens bigint, output_tokens bigint,
+               cache_read_tokens bigint, cache_write_tokens bigint, unpriced_calls bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -515,23 +538,27 @@ BEGIN
         SELECT k.date AS day, false AS is_month,
                (k.log_data->>'total_calls')::bigint AS calls, (k.log_data->>'successful_calls')::bigint AS ok,
                (k.log_data->>'failed_calls')::bigint AS failed, (k.log_data->>'tokens_used')::bigint AS tokens,
-               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users
-          FROM usage_agg.service_daily_logs k
+               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users,
+               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
+          FROM usage_agg.service_daily_logs k CROSS JOIN LATERAL usage_agg._kinds(k.log_data) kk
          WHERE k.date <= v_day
         UNION ALL
         SELECT q.day, false, (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
                (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
-               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint
-          FROM usage_agg.pending_key_deltas q
+               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
          WHERE q.shared_key_id IS NULL AND q.day <= v_day
         UNION ALL
         -- day + 0: see key_daily_usage.
         SELECT p.day, false, p.calls::bigint, p.successful::bigint, (p.calls - p.successful)::bigint, p.tokens, p.cost,
-               CASE WHEN p.day = v_day THEN 0 END
+               CASE WHEN p.day = v_day THEN 0 END,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
           FROM usage_agg.pending_deltas p
          WHERE p.day + 0 <= v_day
         UNION ALL
-        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id)
+        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id), 0, 0, 0, 0, 0
           FROM usage_agg.pending_deltas p
          WHERE p.day + 0 = v_day
            AND NOT EXISTS (SELECT 1 FROM usage_agg.daily_logs d
@@ -540,8 +567,9 @@ BEGIN
         UNION ALL
         SELECT m.month, true, (m.log_data->>'total_calls')::bigint, (m.log_data->>'successful_calls')::bigint,
                (m.log_data->>'failed_calls')::bigint, (m.log_data->>'tokens_used')::bigint,
-               (m.log_data->>'estimated_cost')::numeric, NULL
-          FROM usage_agg.service_monthly_logs m
+               (m.log_data->>'estimated_cost')::numeric, NULL,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.service_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
          WHERE m.month <= v_month
     ), sums AS (
         SELECT sum(x.calls) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_calls,
@@ -550,25 +578,41 @@ BEGIN
                sum(x.tokens) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_tokens,
                sum(x.cost) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cost,
                sum(x.users) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_users,
+               sum(x.i) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_i,
+               sum(x.o) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_o,
+               sum(x.cr) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cr,
+               sum(x.cw) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cw,
+               sum(x.u) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_u,
                sum(x.calls) FILTER (WHERE x.day >= v_month) AS m_calls,
                sum(x.ok) FILTER (WHERE x.day >= v_month) AS m_ok,
                sum(x.failed) FILTER (WHERE x.day >= v_month) AS m_failed,
                sum(x.tokens) FILTER (WHERE x.day >= v_month) AS m_tokens,
                sum(x.cost) FILTER (WHERE x.day >= v_month) AS m_cost,
+               sum(x.i) FILTER (WHERE x.day >= v_month) AS m_i,
+               sum(x.o) FILTER (WHERE x.day >= v_month) AS m_o,
+               sum(x.cr) FILTER (WHERE x.day >= v_month) AS m_cr,
+               sum(x.cw) FILTER (WHERE x.day >= v_month) AS m_cw,
+               sum(x.u) FILTER (WHERE x.day >= v_month) AS m_u,
                sum(x.calls) AS a_calls, sum(x.ok) AS a_ok, sum(x.failed) AS a_failed,
-               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost
+               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost,
+               sum(x.i) AS a_i, sum(x.o) AS a_o, sum(x.cr) AS a_cr, sum(x.cw) AS a_cw, sum(x.u) AS a_u
           FROM parts x
     )
     SELECT w.period, COALESCE(w.calls, 0)::bigint, COALESCE(w.ok, 0)::bigint, COALESCE(w.failed, 0)::bigint,
            CASE WHEN COALESCE(w.calls, 0) > 0 THEN round(w.failed::numeric / w.calls, 4) END,
            COALESCE(w.tokens, 0)::bigint, COALESCE(w.cost, 0),
-           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END
+           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END,
+           COALESCE(w.i, 0)::bigint, COALESCE(w.o, 0)::bigint, COALESCE(w.cr, 0)::bigint,
+           COALESCE(w.cw, 0)::bigint, COALESCE(w.u, 0)::bigint
       FROM sums s
      CROSS JOIN LATERAL (VALUES
-           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users),
-           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL),
-           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL))
-           AS w(period, ord, calls, ok, failed, tokens, cost, users)
+           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users,
+            s.t_i, s.t_o, s.t_cr, s.t_cw, s.t_u),
+           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL,
+            s.m_i, s.m_o, s.m_cr, s.m_cw, s.m_u),
+           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL,
+            s.a_i, s.a_o, s.a_cr, s.a_cw, s.a_u))
+           AS w(period, ord, calls, ok, failed, tokens, cost, users, i, o, cr, cw, u)
      ORDER BY w.ord;
 END;
 $$;

@@ -16,7 +16,9 @@ $$;
 -- day that contains `at` (configured time zone). Months already rolled up into
 -- monthly_logs count whole.
 CREATE FUNCTION usage_agg.usage_summary(user_id uuid, at timestamptz DEFAULT now())
-RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric)
+RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric,
+               input_tokens bigint, output_tokens bigint, cache_read_tokens bigint, cache_write_tokens bigint,
+               unpriced_calls bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -36,16 +38,20 @@ BEGIN
     -- request path of applications).
     RETURN QUERY
     WITH rows_of_user AS (
-        SELECT d.date AS first_day, true AS is_day, t.calls, t.successful, t.failed, t.tokens, t.cost
+        SELECT d.date AS first_day, true AS is_day, t.calls, t.successful, t.failed, t.tokens, t.cost,
+               t.input_tokens AS i, t.output_tokens AS o, t.cache_read_tokens AS cr, t.cache_write_tokens AS cw,
+               t.unpriced_calls AS u
           FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
          WHERE d.user_id = $1 AND d.date <= v_day
         UNION ALL
-        SELECT m.month, false, t.calls, t.successful, t.failed, t.tokens, t.cost
+        SELECT m.month, false, t.calls, t.successful, t.failed, t.tokens, t.cost,
+               t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.unpriced_calls
           FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
          WHERE m.user_id = $1 AND m.month <= v_day
         UNION ALL
         -- Deferred mode: calls not folded into daily_logs yet.
-        SELECT p.day, true, p.calls, p.successful, p.calls - p.successful, p.tokens, p.cost
+        SELECT p.day, true, p.calls, p.successful, p.calls - p.successful, p.tokens, p.cost,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
           FROM usage_agg.pending_deltas p
          WHERE p.user_id = $1 AND p.day <= v_day
     ), totals AS (
@@ -54,13 +60,24 @@ BEGIN
                sum(r.failed) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_failed,
                sum(r.tokens) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_tokens,
                sum(r.cost) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cost,
+               sum(r.i) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_i,
+               sum(r.o) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_o,
+               sum(r.cr) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cr,
+               sum(r.cw) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cw,
+               sum(r.u) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_u,
                sum(r.calls) FILTER (WHERE r.first_day >= v_month) AS m_calls,
                sum(r.successful) FILTER (WHERE r.first_day >= v_month) AS m_ok,
                sum(r.failed) FILTER (WHERE r.first_day >= v_month) AS m_failed,
                sum(r.tokens) FILTER (WHERE r.first_day >= v_month) AS m_tokens,
                sum(r.cost) FILTER (WHERE r.first_day >= v_month) AS m_cost,
+               sum(r.i) FILTER (WHERE r.first_day >= v_month) AS m_i,
+               sum(r.o) FILTER (WHERE r.first_day >= v_month) AS m_o,
+               sum(r.cr) FILTER (WHERE r.first_day >= v_month) AS m_cr,
+               sum(r.cw) FILTER (WHERE r.first_day >= v_month) AS m_cw,
+               sum(r.u) FILTER (WHERE r.first_day >= v_month) AS m_u,
                sum(r.calls) AS a_calls, sum(r.successful) AS a_ok, sum(r.failed) AS a_failed,
-               sum(r.tokens) AS a_tokens, sum(r.cost) AS a_cost
+               sum(r.tokens) AS a_tokens, sum(r.cost) AS a_cost,
+               sum(r.i) AS a_i, sum(r.o) AS a_o, sum(r.cr) AS a_cr, sum(r.cw) AS a_cw, sum(r.u) AS a_u
           FROM rows_of_user r
     )
     SELECT w.period,
@@ -68,13 +85,21 @@ BEGIN
            CASE WHEN w.known THEN COALESCE(w.ok, 0)::bigint END,
            CASE WHEN w.known THEN COALESCE(w.failed, 0)::bigint END,
            CASE WHEN w.known THEN COALESCE(w.tokens, 0)::bigint END,
-           CASE WHEN w.known THEN COALESCE(w.cost, 0) END
+           CASE WHEN w.known THEN COALESCE(w.cost, 0) END,
+           CASE WHEN w.known THEN COALESCE(w.i, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.o, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.cr, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.cw, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.u, 0)::bigint END
       FROM totals t
      CROSS JOIN LATERAL (VALUES
-           (1, 'today', v_today_known, t.d_calls, t.d_ok, t.d_failed, t.d_tokens, t.d_cost),
-           (2, 'month', true, t.m_calls, t.m_ok, t.m_failed, t.m_tokens, t.m_cost),
-           (3, 'all_time', true, t.a_calls, t.a_ok, t.a_failed, t.a_tokens, t.a_cost))
-           AS w(ord, period, known, calls, ok, failed, tokens, cost)
+           (1, 'today', v_today_known, t.d_calls, t.d_ok, t.d_failed, t.d_tokens, t.d_cost,
+            t.d_i, t.d_o, t.d_cr, t.d_cw, t.d_u),
+           (2, 'month', true, t.m_calls, t.m_ok, t.m_failed, t.m_tokens, t.m_cost,
+            t.m_i, t.m_o, t.m_cr, t.m_cw, t.m_u),
+           (3, 'all_time', true, t.a_calls, t.a_ok, t.a_failed, t.a_tokens, t.a_cost,
+            t.a_i, t.a_o, t.a_cr, t.a_cw, t.a_u))
+           AS w(ord, period, known, calls, ok, failed, tokens, cost, i, o, cr, cw, u)
      ORDER BY w.ord;
 END;
 $$;

@@ -605,7 +605,8 @@ $$;
 -- contains `at`. users: distinct users today (months have none).
 CREATE FUNCTION usage_agg.key_usage_summary(shared_key_id uuid, at timestamptz DEFAULT now())
 RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, failure_rate numeric,
-               tokens bigint, cost numeric, users bigint)
+               tokens bigint, cost numeric, users bigint, input_tokens bigint, output_tokens bigint,
+               cache_read_tokens bigint, cache_write_tokens bigint, unpriced_calls bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -629,23 +630,27 @@ BEGIN
         SELECT k.date AS day, false AS is_month,
                (k.log_data->>'total_calls')::bigint AS calls, (k.log_data->>'successful_calls')::bigint AS ok,
                (k.log_data->>'failed_calls')::bigint AS failed, (k.log_data->>'tokens_used')::bigint AS tokens,
-               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users
-          FROM usage_agg.key_daily_logs k
+               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users,
+               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
+          FROM usage_agg.key_daily_logs k CROSS JOIN LATERAL usage_agg._kinds(k.log_data) kk
          WHERE k.shared_key_id = $1 AND k.date <= v_day
         UNION ALL
         SELECT q.day, false, (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
                (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
-               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint
-          FROM usage_agg.pending_key_deltas q
+               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
          WHERE q.shared_key_id = $1 AND q.day <= v_day
         UNION ALL
         -- day + 0: see key_daily_usage.
         SELECT p.day, false, p.calls::bigint, p.successful::bigint, (p.calls - p.successful)::bigint, p.tokens, p.cost,
-               CASE WHEN p.day = v_day THEN 0 END
+               CASE WHEN p.day = v_day THEN 0 END,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
           FROM usage_agg.pending_deltas p
          WHERE p.shared_key_id = $1 AND p.day + 0 <= v_day
         UNION ALL
-        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id)
+        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id), 0, 0, 0, 0, 0
           FROM usage_agg.pending_deltas p
          WHERE p.shared_key_id = $1 AND p.day + 0 = v_day
            AND NOT EXISTS (SELECT 1 FROM usage_agg.daily_logs d
@@ -654,8 +659,9 @@ BEGIN
         UNION ALL
         SELECT m.month, true, (m.log_data->>'total_calls')::bigint, (m.log_data->>'successful_calls')::bigint,
                (m.log_data->>'failed_calls')::bigint, (m.log_data->>'tokens_used')::bigint,
-               (m.log_data->>'estimated_cost')::numeric, NULL
-          FROM usage_agg.key_monthly_logs m
+               (m.log_data->>'estimated_cost')::numeric, NULL,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.key_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
          WHERE m.shared_key_id = $1 AND m.month <= v_month
     ), sums AS (
         SELECT sum(x.calls) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_calls,
@@ -664,25 +670,41 @@ BEGIN
                sum(x.tokens) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_tokens,
                sum(x.cost) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cost,
                sum(x.users) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_users,
+               sum(x.i) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_i,
+               sum(x.o) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_o,
+               sum(x.cr) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cr,
+               sum(x.cw) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cw,
+               sum(x.u) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_u,
                sum(x.calls) FILTER (WHERE x.day >= v_month) AS m_calls,
                sum(x.ok) FILTER (WHERE x.day >= v_month) AS m_ok,
                sum(x.failed) FILTER (WHERE x.day >= v_month) AS m_failed,
                sum(x.tokens) FILTER (WHERE x.day >= v_month) AS m_tokens,
                sum(x.cost) FILTER (WHERE x.day >= v_month) AS m_cost,
+               sum(x.i) FILTER (WHERE x.day >= v_month) AS m_i,
+               sum(x.o) FILTER (WHERE x.day >= v_month) AS m_o,
+               sum(x.cr) FILTER (WHERE x.day >= v_month) AS m_cr,
+               sum(x.cw) FILTER (WHERE x.day >= v_month) AS m_cw,
+               sum(x.u) FILTER (WHERE x.day >= v_month) AS m_u,
                sum(x.calls) AS a_calls, sum(x.ok) AS a_ok, sum(x.failed) AS a_failed,
-               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost
+               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost,
+               sum(x.i) AS a_i, sum(x.o) AS a_o, sum(x.cr) AS a_cr, sum(x.cw) AS a_cw, sum(x.u) AS a_u
           FROM parts x
     )
     SELECT w.period, COALESCE(w.calls, 0)::bigint, COALESCE(w.ok, 0)::bigint, COALESCE(w.failed, 0)::bigint,
            CASE WHEN COALESCE(w.calls, 0) > 0 THEN round(w.failed::numeric / w.calls, 4) END,
            COALESCE(w.tokens, 0)::bigint, COALESCE(w.cost, 0),
-           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END
+           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END,
+           COALESCE(w.i, 0)::bigint, COALESCE(w.o, 0)::bigint, COALESCE(w.cr, 0)::bigint,
+           COALESCE(w.cw, 0)::bigint, COALESCE(w.u, 0)::bigint
       FROM sums s
      CROSS JOIN LATERAL (VALUES
-           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users),
-           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL),
-           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL))
-           AS w(period, ord, calls, ok, failed, tokens, cost, users)
+           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users,
+            s.t_i, s.t_o, s.t_cr, s.t_cw, s.t_u),
+           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL,
+            s.m_i, s.m_o, s.m_cr, s.m_cw, s.m_u),
+           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL,
+            s.a_i, s.a_o, s.a_cr, s.a_cw, s.a_u))
+           AS w(period, ord, calls, ok, failed, tokens, cost, users, i, o, cr, cw, u)
      ORDER BY w.ord;
 END;
 $$;
@@ -694,7 +716,8 @@ COMMENT ON FUNCTION usage_agg.key_usage_summary(uuid, timestamptz) IS
 -- and counting them exactly would read every user).
 CREATE FUNCTION usage_agg.usage_overview(at timestamptz DEFAULT now())
 RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, failure_rate numeric,
-               tokens bigint, cost numeric, active_users bigint)
+               tokens bigint, cost numeric, active_users bigint, input_tokens bigint, output_tokens bigint,
+               cache_read_tokens bigint, cache_write_tokens bigint, unpriced_calls bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -712,23 +735,27 @@ BEGIN
         SELECT k.date AS day, false AS is_month,
                (k.log_data->>'total_calls')::bigint AS calls, (k.log_data->>'successful_calls')::bigint AS ok,
                (k.log_data->>'failed_calls')::bigint AS failed, (k.log_data->>'tokens_used')::bigint AS tokens,
-               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users
-          FROM usage_agg.service_daily_logs k
+               (k.log_data->>'estimated_cost')::numeric AS cost, (k.log_data->>'users')::bigint AS users,
+               kk.input_tokens AS i, kk.output_tokens AS o, kk.cache_read_tokens AS cr,
+               kk.cache_write_tokens AS cw, kk.unpriced_calls AS u
+          FROM usage_agg.service_daily_logs k CROSS JOIN LATERAL usage_agg._kinds(k.log_data) kk
          WHERE k.date <= v_day
         UNION ALL
         SELECT q.day, false, (q.delta->>'total_calls')::bigint, (q.delta->>'successful_calls')::bigint,
                (q.delta->>'failed_calls')::bigint, (q.delta->>'tokens_used')::bigint,
-               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint
-          FROM usage_agg.pending_key_deltas q
+               (q.delta->>'estimated_cost')::numeric, (q.delta->>'users')::bigint,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.pending_key_deltas q CROSS JOIN LATERAL usage_agg._kinds(q.delta) kk
          WHERE q.shared_key_id IS NULL AND q.day <= v_day
         UNION ALL
         -- day + 0: see key_daily_usage.
         SELECT p.day, false, p.calls::bigint, p.successful::bigint, (p.calls - p.successful)::bigint, p.tokens, p.cost,
-               CASE WHEN p.day = v_day THEN 0 END
+               CASE WHEN p.day = v_day THEN 0 END,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
           FROM usage_agg.pending_deltas p
          WHERE p.day + 0 <= v_day
         UNION ALL
-        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id)
+        SELECT v_day, false, 0, 0, 0, 0, 0, count(DISTINCT p.user_id), 0, 0, 0, 0, 0
           FROM usage_agg.pending_deltas p
          WHERE p.day + 0 = v_day
            AND NOT EXISTS (SELECT 1 FROM usage_agg.daily_logs d
@@ -737,8 +764,9 @@ BEGIN
         UNION ALL
         SELECT m.month, true, (m.log_data->>'total_calls')::bigint, (m.log_data->>'successful_calls')::bigint,
                (m.log_data->>'failed_calls')::bigint, (m.log_data->>'tokens_used')::bigint,
-               (m.log_data->>'estimated_cost')::numeric, NULL
-          FROM usage_agg.service_monthly_logs m
+               (m.log_data->>'estimated_cost')::numeric, NULL,
+               kk.input_tokens, kk.output_tokens, kk.cache_read_tokens, kk.cache_write_tokens, kk.unpriced_calls
+          FROM usage_agg.service_monthly_logs m CROSS JOIN LATERAL usage_agg._kinds(m.log_data) kk
          WHERE m.month <= v_month
     ), sums AS (
         SELECT sum(x.calls) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_calls,
@@ -747,25 +775,41 @@ BEGIN
                sum(x.tokens) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_tokens,
                sum(x.cost) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cost,
                sum(x.users) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_users,
+               sum(x.i) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_i,
+               sum(x.o) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_o,
+               sum(x.cr) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cr,
+               sum(x.cw) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_cw,
+               sum(x.u) FILTER (WHERE x.day = v_day AND NOT x.is_month) AS t_u,
                sum(x.calls) FILTER (WHERE x.day >= v_month) AS m_calls,
                sum(x.ok) FILTER (WHERE x.day >= v_month) AS m_ok,
                sum(x.failed) FILTER (WHERE x.day >= v_month) AS m_failed,
                sum(x.tokens) FILTER (WHERE x.day >= v_month) AS m_tokens,
                sum(x.cost) FILTER (WHERE x.day >= v_month) AS m_cost,
+               sum(x.i) FILTER (WHERE x.day >= v_month) AS m_i,
+               sum(x.o) FILTER (WHERE x.day >= v_month) AS m_o,
+               sum(x.cr) FILTER (WHERE x.day >= v_month) AS m_cr,
+               sum(x.cw) FILTER (WHERE x.day >= v_month) AS m_cw,
+               sum(x.u) FILTER (WHERE x.day >= v_month) AS m_u,
                sum(x.calls) AS a_calls, sum(x.ok) AS a_ok, sum(x.failed) AS a_failed,
-               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost
+               sum(x.tokens) AS a_tokens, sum(x.cost) AS a_cost,
+               sum(x.i) AS a_i, sum(x.o) AS a_o, sum(x.cr) AS a_cr, sum(x.cw) AS a_cw, sum(x.u) AS a_u
           FROM parts x
     )
     SELECT w.period, COALESCE(w.calls, 0)::bigint, COALESCE(w.ok, 0)::bigint, COALESCE(w.failed, 0)::bigint,
            CASE WHEN COALESCE(w.calls, 0) > 0 THEN round(w.failed::numeric / w.calls, 4) END,
            COALESCE(w.tokens, 0)::bigint, COALESCE(w.cost, 0),
-           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END
+           CASE WHEN w.ord = 1 THEN COALESCE(w.users, 0)::bigint END,
+           COALESCE(w.i, 0)::bigint, COALESCE(w.o, 0)::bigint, COALESCE(w.cr, 0)::bigint,
+           COALESCE(w.cw, 0)::bigint, COALESCE(w.u, 0)::bigint
       FROM sums s
      CROSS JOIN LATERAL (VALUES
-           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users),
-           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL),
-           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL))
-           AS w(period, ord, calls, ok, failed, tokens, cost, users)
+           ('today', 1, s.t_calls, s.t_ok, s.t_failed, s.t_tokens, s.t_cost, s.t_users,
+            s.t_i, s.t_o, s.t_cr, s.t_cw, s.t_u),
+           ('month', 2, s.m_calls, s.m_ok, s.m_failed, s.m_tokens, s.m_cost, NULL,
+            s.m_i, s.m_o, s.m_cr, s.m_cw, s.m_u),
+           ('all_time', 3, s.a_calls, s.a_ok, s.a_failed, s.a_tokens, s.a_cost, NULL,
+            s.a_i, s.a_o, s.a_cr, s.a_cw, s.a_u))
+           AS w(period, ord, calls, ok, failed, tokens, cost, users, i, o, cr, cw, u)
      ORDER BY w.ord;
 END;
 $$;
@@ -2987,9 +3031,16 @@ REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_
     usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
     usage_agg._cost_alerts(uuid[], date[], numeric[]), usage_agg._lock_cost_months(uuid[], date[]),
     usage_agg.cleanup_old_quota_logs(interval) FROM PUBLIC;
--- The readers of user documents through _totals.
-CREATE OR REPLACE FUNCTION usage_agg.usage_summary(user_id uuid, at timestamptz DEFAULT now())
-RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric)
+-- The readers of user documents through _totals. usage_summary returns the
+-- token kinds and unpriced calls too (new result columns): dropped and created
+-- again, with its ACL carried over as the quota functions' above.
+SELECT pg_catalog.set_config('usage_agg_update.acl_usage_summary', COALESCE(p.proacl::text, ''), true)
+  FROM pg_catalog.pg_proc p WHERE p.oid = 'usage_agg.usage_summary(uuid, timestamptz)'::pg_catalog.regprocedure;
+DROP FUNCTION usage_agg.usage_summary(uuid, timestamptz);
+CREATE FUNCTION usage_agg.usage_summary(user_id uuid, at timestamptz DEFAULT now())
+RETURNS TABLE (period text, calls bigint, successful bigint, failed bigint, tokens bigint, cost numeric,
+               input_tokens bigint, output_tokens bigint, cache_read_tokens bigint, cache_write_tokens bigint,
+               unpriced_calls bigint)
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -3009,16 +3060,20 @@ BEGIN
     -- request path of applications).
     RETURN QUERY
     WITH rows_of_user AS (
-        SELECT d.date AS first_day, true AS is_day, t.calls, t.successful, t.failed, t.tokens, t.cost
+        SELECT d.date AS first_day, true AS is_day, t.calls, t.successful, t.failed, t.tokens, t.cost,
+               t.input_tokens AS i, t.output_tokens AS o, t.cache_read_tokens AS cr, t.cache_write_tokens AS cw,
+               t.unpriced_calls AS u
           FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
          WHERE d.user_id = $1 AND d.date <= v_day
         UNION ALL
-        SELECT m.month, false, t.calls, t.successful, t.failed, t.tokens, t.cost
+        SELECT m.month, false, t.calls, t.successful, t.failed, t.tokens, t.cost,
+               t.input_tokens, t.output_tokens, t.cache_read_tokens, t.cache_write_tokens, t.unpriced_calls
           FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
          WHERE m.user_id = $1 AND m.month <= v_day
         UNION ALL
         -- Deferred mode: calls not folded into daily_logs yet.
-        SELECT p.day, true, p.calls, p.successful, p.calls - p.successful, p.tokens, p.cost
+        SELECT p.day, true, p.calls, p.successful, p.calls - p.successful, p.tokens, p.cost,
+               p.input_tokens, p.output_tokens, p.cache_read_tokens, p.cache_write_tokens, p.unpriced
           FROM usage_agg.pending_deltas p
          WHERE p.user_id = $1 AND p.day <= v_day
     ), totals AS (
@@ -3027,13 +3082,24 @@ BEGIN
                sum(r.failed) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_failed,
                sum(r.tokens) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_tokens,
                sum(r.cost) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cost,
+               sum(r.i) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_i,
+               sum(r.o) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_o,
+               sum(r.cr) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cr,
+               sum(r.cw) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_cw,
+               sum(r.u) FILTER (WHERE r.is_day AND r.first_day = v_day) AS d_u,
                sum(r.calls) FILTER (WHERE r.first_day >= v_month) AS m_calls,
                sum(r.successful) FILTER (WHERE r.first_day >= v_month) AS m_ok,
                sum(r.failed) FILTER (WHERE r.first_day >= v_month) AS m_failed,
                sum(r.tokens) FILTER (WHERE r.first_day >= v_month) AS m_tokens,
                sum(r.cost) FILTER (WHERE r.first_day >= v_month) AS m_cost,
+               sum(r.i) FILTER (WHERE r.first_day >= v_month) AS m_i,
+               sum(r.o) FILTER (WHERE r.first_day >= v_month) AS m_o,
+               sum(r.cr) FILTER (WHERE r.first_day >= v_month) AS m_cr,
+               sum(r.cw) FILTER (WHERE r.first_day >= v_month) AS m_cw,
+               sum(r.u) FILTER (WHERE r.first_day >= v_month) AS m_u,
                sum(r.calls) AS a_calls, sum(r.successful) AS a_ok, sum(r.failed) AS a_failed,
-               sum(r.tokens) AS a_tokens, sum(r.cost) AS a_cost
+               sum(r.tokens) AS a_tokens, sum(r.cost) AS a_cost,
+               sum(r.i) AS a_i, sum(r.o) AS a_o, sum(r.cr) AS a_cr, sum(r.cw) AS a_cw, sum(r.u) AS a_u
           FROM rows_of_user r
     )
     SELECT w.period,
@@ -3041,18 +3107,29 @@ BEGIN
            CASE WHEN w.known THEN COALESCE(w.ok, 0)::bigint END,
            CASE WHEN w.known THEN COALESCE(w.failed, 0)::bigint END,
            CASE WHEN w.known THEN COALESCE(w.tokens, 0)::bigint END,
-           CASE WHEN w.known THEN COALESCE(w.cost, 0) END
+           CASE WHEN w.known THEN COALESCE(w.cost, 0) END,
+           CASE WHEN w.known THEN COALESCE(w.i, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.o, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.cr, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.cw, 0)::bigint END,
+           CASE WHEN w.known THEN COALESCE(w.u, 0)::bigint END
       FROM totals t
      CROSS JOIN LATERAL (VALUES
-           (1, 'today', v_today_known, t.d_calls, t.d_ok, t.d_failed, t.d_tokens, t.d_cost),
-           (2, 'month', true, t.m_calls, t.m_ok, t.m_failed, t.m_tokens, t.m_cost),
-           (3, 'all_time', true, t.a_calls, t.a_ok, t.a_failed, t.a_tokens, t.a_cost))
-           AS w(ord, period, known, calls, ok, failed, tokens, cost)
+           (1, 'today', v_today_known, t.d_calls, t.d_ok, t.d_failed, t.d_tokens, t.d_cost,
+            t.d_i, t.d_o, t.d_cr, t.d_cw, t.d_u),
+           (2, 'month', true, t.m_calls, t.m_ok, t.m_failed, t.m_tokens, t.m_cost,
+            t.m_i, t.m_o, t.m_cr, t.m_cw, t.m_u),
+           (3, 'all_time', true, t.a_calls, t.a_ok, t.a_failed, t.a_tokens, t.a_cost,
+            t.a_i, t.a_o, t.a_cr, t.a_cw, t.a_u))
+           AS w(ord, period, known, calls, ok, failed, tokens, cost, i, o, cr, cw, u)
      ORDER BY w.ord;
 END;
 $$;
 COMMENT ON FUNCTION usage_agg.usage_summary(uuid, timestamptz) IS
     'Calls, successful, failed, tokens and cost of a user for today, this month and all time, as of at (business time zone), from the aggregates only';
+UPDATE pg_catalog.pg_proc p
+   SET proacl = NULLIF(pg_catalog.current_setting('usage_agg_update.acl_usage_summary'), '')::pg_catalog.aclitem[]
+ WHERE p.oid = 'usage_agg.usage_summary(uuid, timestamptz)'::pg_catalog.regprocedure;
 CREATE OR REPLACE VIEW usage_agg.daily_usage AS
 SELECT d.user_id,
        d.date,

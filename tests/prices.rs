@@ -485,6 +485,27 @@ fn kinds(c: &mut Client) -> Vec<String> {
     )
 }
 
+/// Tokens by kind and unpriced calls of U1, K1 and the service per period,
+/// as the readers return them at 2026-11-20 13:00 UTC: "reader period in out
+/// cache_read cache_write unpriced".
+fn read_kinds(c: &mut Client) -> Vec<String> {
+    texts(
+        c,
+        "SELECT 'user ' || period || ' ' || input_tokens || ' ' || output_tokens || ' ' || cache_read_tokens || ' '
+                || cache_write_tokens || ' ' || unpriced_calls
+           FROM usage_agg.usage_summary($1::text::uuid, '2026-11-20 13:00Z')
+          UNION ALL
+         SELECT 'key ' || period || ' ' || input_tokens || ' ' || output_tokens || ' ' || cache_read_tokens || ' '
+                || cache_write_tokens || ' ' || unpriced_calls
+           FROM usage_agg.key_usage_summary($2::text::uuid, '2026-11-20 13:00Z')
+          UNION ALL
+         SELECT 'service ' || period || ' ' || input_tokens || ' ' || output_tokens || ' ' || cache_read_tokens || ' '
+                || cache_write_tokens || ' ' || unpriced_calls
+           FROM usage_agg.usage_overview('2026-11-20 13:00Z')",
+        &[&U1, &K1],
+    )
+}
+
 #[test]
 fn token_kinds_and_unpriced_calls_reach_every_aggregate_exactly() {
     for mode in [FoldMode::Default, FoldMode::Async] {
@@ -533,7 +554,20 @@ fn token_kinds_and_unpriced_calls_reach_every_aggregate_exactly() {
             "service 2026-11-20 2585 160 300 4 36",
         ];
         assert_eq!(key_rows(&mut c), keys_before);
+        let readers_before = vec![
+            "user today 2585 160 300 4 36",
+            "user month 2585 160 300 4 36",
+            "user all_time 2595 165 300 4 37",
+            "key today 100 20 300 4 1",
+            "key month 100 20 300 4 1",
+            "key all_time 110 25 300 4 2",
+            "service today 2585 160 300 4 36",
+            "service month 2585 160 300 4 36",
+            "service all_time 2595 165 300 4 37",
+        ];
+        assert_eq!(read_kinds(&mut c), readers_before);
         mode.settle(&mut c, 73);
+        assert_eq!(read_kinds(&mut c), readers_before);
         assert_eq!(key_rows(&mut c), keys_before);
         exact(&mut c);
 
@@ -571,6 +605,20 @@ fn token_kinds_and_unpriced_calls_reach_every_aggregate_exactly() {
                 "month-model:m2 2026-11-01 2483 138 0 0 34",
                 "service 2026-08-10 10 5 0 0 1",
                 "service 2026-11-20 2633 158 300 4 34",
+            ]
+        );
+        assert_eq!(
+            read_kinds(&mut c),
+            vec![
+                "user today 2633 158 300 4 34",
+                "user month 2633 158 300 4 34",
+                "user all_time 2643 163 300 4 35",
+                "key today 150 20 300 4 0",
+                "key month 150 20 300 4 0",
+                "key all_time 160 25 300 4 1",
+                "service today 2633 158 300 4 34",
+                "service month 2633 158 300 4 34",
+                "service all_time 2643 163 300 4 35",
             ]
         );
         exact(&mut c);

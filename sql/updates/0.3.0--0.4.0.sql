@@ -150,8 +150,16 @@ REVOKE EXECUTE ON FUNCTION usage_agg._rebuild_key_day(date), usage_agg._cleanup_
     usage_agg._quota_alerts(uuid, integer, integer, integer, timestamptz, timestamptz),
     usage_agg._cost_alerts(uuid[], date[], numeric[]), usage_agg._lock_cost_months(uuid[], date[]),
     usage_agg.cleanup_old_quota_logs(interval) FROM PUBLIC;
--- The readers of user documents through _totals.
--- @replace usage_agg.usage_summary
+-- The readers of user documents through _totals. usage_summary returns the
+-- token kinds and unpriced calls too (new result columns): dropped and created
+-- again, with its ACL carried over as the quota functions' above.
+SELECT pg_catalog.set_config('usage_agg_update.acl_usage_summary', COALESCE(p.proacl::text, ''), true)
+  FROM pg_catalog.pg_proc p WHERE p.oid = 'usage_agg.usage_summary(uuid, timestamptz)'::pg_catalog.regprocedure;
+DROP FUNCTION usage_agg.usage_summary(uuid, timestamptz);
+-- @create usage_agg.usage_summary
+UPDATE pg_catalog.pg_proc p
+   SET proacl = NULLIF(pg_catalog.current_setting('usage_agg_update.acl_usage_summary'), '')::pg_catalog.aclitem[]
+ WHERE p.oid = 'usage_agg.usage_summary(uuid, timestamptz)'::pg_catalog.regprocedure;
 -- @replace usage_agg.daily_usage
 -- @replace usage_agg.monthly_usage
 -- @replace usage_agg.daily_usage_by_model
