@@ -249,8 +249,14 @@ fn hourly_tier_is_filled(c: &mut Client) {
 /// Updates, checks that the data is kept and that the new version folds on top
 /// of it, and compares the catalog with a fresh install.
 fn update_and_compare(old: &mut Client, user: &str, mode_after: &str, fresh_name: &str) {
+    // The (user, day)s with calls pending (0.1.0 has no pending_deltas).
     old.batch_execute(
-        "CREATE TEMP TABLE upgrade_pending_days AS SELECT DISTINCT user_id, day FROM usage_agg.pending_deltas",
+        "CREATE TEMP TABLE upgrade_pending_days (user_id uuid, day date);
+         DO $$ BEGIN
+             IF to_regclass('usage_agg.pending_deltas') IS NOT NULL THEN
+                 INSERT INTO upgrade_pending_days SELECT DISTINCT user_id, day FROM usage_agg.pending_deltas;
+             END IF;
+         END $$;",
     )
     .unwrap();
     let before = data_fingerprint(old);
