@@ -53,43 +53,51 @@ CREATE TRIGGER user_limits_changed
 -- Whether any plan or user has a daily cost limit or a monthly budget.
 CREATE FUNCTION usage_agg._cost_limits_in_use() RETURNS boolean
 LANGUAGE sql STABLE
-RETURN EXISTS (SELECT FROM usage_agg.quota_plans p
+AS $$
+SELECT EXISTS (SELECT 1 FROM usage_agg.quota_plans p
                 WHERE p.daily_cost_limit IS NOT NULL OR p.monthly_cost_budget IS NOT NULL)
-    OR EXISTS (SELECT FROM usage_agg.user_limits l
-                WHERE l.daily_cost_limit IS NOT NULL OR l.monthly_cost_budget IS NOT NULL);
+    OR EXISTS (SELECT 1 FROM usage_agg.user_limits l
+                WHERE l.daily_cost_limit IS NOT NULL OR l.monthly_cost_budget IS NOT NULL)
+$$;
 
 -- A user's plan and the cost limits that apply (overrides first; users without
--- a quota row are on plan free): one row. A SQL-standard body, so that it is
--- inlined into the query that reads it (each insert's cost alert check does,
--- in immediate mode) instead of planned again on every call.
+-- a quota row are on plan free): one row. No SET clause, so that it is inlined
+-- into the query that reads it (each insert's cost alert check does, in
+-- immediate mode) instead of planned again on every call; names and operators
+-- are qualified instead (not a SQL-standard body: see _timezone).
 CREATE FUNCTION usage_agg._cost_limits(p_user_id uuid)
 RETURNS TABLE (membership_level text, daily_cost_limit numeric, monthly_cost_budget numeric)
 LANGUAGE sql STABLE
-BEGIN ATOMIC
+AS $$
     SELECT lv.level,
            COALESCE(o.daily_cost_limit, p.daily_cost_limit),
            COALESCE(o.monthly_cost_budget, p.monthly_cost_budget)
-      FROM (SELECT COALESCE((SELECT q.membership_level FROM usage_agg.quotas q WHERE q.user_id = p_user_id),
+      FROM (SELECT COALESCE((SELECT q.membership_level FROM usage_agg.quotas q
+                              WHERE q.user_id OPERATOR(pg_catalog.=) p_user_id),
                             'free') AS level) lv
-      LEFT JOIN usage_agg.quota_plans p ON p.membership_level = lv.level
-      LEFT JOIN usage_agg.user_limits o ON o.user_id = p_user_id;
-END;
+      LEFT JOIN usage_agg.quota_plans p ON p.membership_level OPERATOR(pg_catalog.=) lv.level
+      LEFT JOIN usage_agg.user_limits o ON o.user_id OPERATOR(pg_catalog.=) p_user_id
+$$;
 
 -- The cost a user's folded aggregates hold for the business month that starts
 -- on `month`: its days in daily_logs plus its row in monthly_logs (days already
 -- rolled up), up to and including `through`. One row; inlined where it is read
--- (a SQL-standard body: see _cost_limits).
+-- (see _cost_limits).
 CREATE FUNCTION usage_agg._folded_month_cost(p_user_id uuid, p_month date, p_through date)
 RETURNS TABLE (cost numeric)
 LANGUAGE sql STABLE
-BEGIN ATOMIC
-    SELECT COALESCE((SELECT sum(t.cost)
+AS $$
+    SELECT COALESCE((SELECT pg_catalog.sum(t.cost)
                        FROM usage_agg.daily_logs d CROSS JOIN LATERAL usage_agg._totals(d.log_data) t
-                      WHERE d.user_id = p_user_id AND d.date >= p_month AND d.date <= p_through), 0)
-         + COALESCE((SELECT t.cost
+                      WHERE d.user_id OPERATOR(pg_catalog.=) p_user_id
+                        AND d.date OPERATOR(pg_catalog.>=) p_month
+                        AND d.date OPERATOR(pg_catalog.<=) p_through), 0)
+         OPERATOR(pg_catalog.+)
+           COALESCE((SELECT t.cost
                        FROM usage_agg.monthly_logs m CROSS JOIN LATERAL usage_agg._totals(m.log_data) t
-                      WHERE m.user_id = p_user_id AND m.month = p_month), 0);
-END;
+                      WHERE m.user_id OPERATOR(pg_catalog.=) p_user_id
+                        AND m.month OPERATOR(pg_catalog.=) p_month), 0)
+$$;
 
 -- Serialises the writers of each user's business month while cost limits are
 -- in use (the folds call it before they write the day rows): a session adding

@@ -75,7 +75,7 @@ CREATE FUNCTION usage_agg._hourly_parts(p_tz text)
 RETURNS TABLE (scope text, id uuid, hour timestamptz, calls bigint, successful bigint, tokens bigint,
                cost numeric)
 LANGUAGE sql STABLE PARALLEL SAFE
-BEGIN ATOMIC
+AS $$
     SELECT 'user', h.user_id, h.hour, h.calls, h.successful, h.tokens, h.cost
       FROM usage_agg.hourly_logs h
     UNION ALL
@@ -92,8 +92,8 @@ BEGIN ATOMIC
     SELECT 'key', p.shared_key_id, usage_agg._hour_start(p.last_at, p_tz), p.calls::bigint, p.successful::bigint,
            p.tokens, p.cost
       FROM usage_agg.pending_deltas p
-     WHERE p.shared_key_id IS NOT NULL;
-END;
+     WHERE p.shared_key_id IS NOT NULL
+$$;
 
 -- ---------------------------------------------------------------------------
 -- Reads.

@@ -75,6 +75,11 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- On Citus this fires on a reference table's shard (quota_plans_<shardid>)
+    -- as Citus copies rows to a node: a plain insert there.
+    IF TG_RELID <> 'usage_agg.quota_plans'::regclass THEN
+        RETURN NEW;
+    END IF;
     UPDATE usage_agg.quota_plans
        SET monthly_quota = NEW.monthly_quota, daily_cost_limit = NEW.daily_cost_limit,
            monthly_cost_budget = NEW.monthly_cost_budget
@@ -96,6 +101,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- On Citus this fires on every node's shard of the reference table, where a
+    -- distributed UPDATE cannot run: usage_agg.sync_plan_quotas() does it there
+    -- (docs/citus.md).
+    IF TG_RELID <> 'usage_agg.quota_plans'::regclass THEN
+        RETURN NULL;
+    END IF;
     UPDATE usage_agg.quotas
        SET monthly_quota = NEW.monthly_quota, updated_at = now()
      WHERE membership_level = NEW.membership_level

@@ -77,7 +77,10 @@ BEGIN
                   DETAIL = 'usage_agg.config.timezone must be a time zone name known to the server.',
                   HINT = 'Use an IANA name such as ''UTC'', ''Asia/Shanghai'' or ''America/New_York'' (see pg_timezone_names).';
     END IF;
-    IF TG_OP = 'INSERT' AND EXISTS (SELECT 1 FROM usage_agg.config) THEN
+    -- (TG_RELID: on Citus a shard of the reference table receives its rows as
+    -- plain inserts.)
+    IF TG_OP = 'INSERT' AND TG_RELID = 'usage_agg.config'::regclass
+       AND EXISTS (SELECT 1 FROM usage_agg.config) THEN
         -- A restore (pg_dump data of this config table) lands on the row that
         -- CREATE EXTENSION made: take the restored values instead of failing.
         UPDATE usage_agg.config
@@ -269,6 +272,12 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- On Citus this fires on a reference table's shard
+    -- (retention_horizon_<shardid>) as Citus copies rows to a node: a plain
+    -- insert there.
+    IF TG_RELID <> 'usage_agg.retention_horizon'::regclass THEN
+        RETURN NEW;
+    END IF;
     IF EXISTS (SELECT 1 FROM usage_agg.retention_horizon) THEN
         UPDATE usage_agg.retention_horizon
            SET detail_kept_from = NEW.detail_kept_from, daily_kept_from = NEW.daily_kept_from;
@@ -287,11 +296,14 @@ INSERT INTO usage_agg.retention_horizon DEFAULT VALUES;
 -- Helpers shared by the fold, verification and rebuild.
 -- ---------------------------------------------------------------------------
 
--- The business time zone. A SQL-standard body is bound at creation, so the
--- caller's search_path cannot change what it reads.
+-- The business time zone. Inlined where it is read (no SET clause); every name
+-- in it is qualified, so the caller's search_path cannot change what it reads.
+-- Not a SQL-standard body: Citus 13 cannot run those when they read its
+-- tables (docs/citus.md); the same holds for the other helpers that read
+-- tables.
 CREATE FUNCTION usage_agg._timezone() RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
-RETURN COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC');
+AS $$ SELECT COALESCE((SELECT c.timezone FROM usage_agg.config c), 'UTC') $$;
 
 -- The canonical text of last_api_call_at: 2026-01-15T11:45:00Z, with .ffffff only
 -- when the microseconds are not zero. The Rust fold writes the same text.

@@ -40,7 +40,10 @@ REVOKE EXECUTE ON FUNCTION
     usage_agg._lock_cost_months(uuid[], date[]),
     usage_agg.cleanup_old_hourly_logs(interval),
     usage_agg._rebuild_hours(date),
-    usage_agg.reprice_calls(timestamptz, timestamptz, integer)
+    usage_agg.reprice_calls(timestamptz, timestamptz, integer),
+    usage_agg.distribute(),
+    usage_agg._citus_prepare_node(),
+    usage_agg.sync_plan_quotas()
 FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE
     usage_agg.expire_key_usage_logs(interval, bigint),

@@ -659,6 +659,14 @@ fn write_day_rows(
                 add_docs.remove(0).into(),
             ],
         );
+    } else if citus_loaded() {
+        // Citus runs a multi-row INSERT ... SELECT into a distributed table on
+        // its shards through connections of its own, so the ON CONFLICT arm's
+        // _fold_merge would observe (and skip) in another backend. A single
+        // row to a shard on this node runs here (Citus's local execution).
+        for ((user, day), doc) in add_users.into_iter().zip(add_days).zip(add_docs) {
+            UPSERT_ONE.run(client, &[user.into(), day.into(), doc.into()]);
+        }
     } else {
         UPSERT_ADDITIONS.run(
             client,
@@ -671,6 +679,13 @@ fn write_day_rows(
     } else {
         Vec::new()
     }
+}
+
+/// Whether Citus is installed in this database (an index lookup in
+/// pg_extension; only multi-row writes ask).
+fn citus_loaded() -> bool {
+    // SAFETY: a catalog lookup by name, inside a transaction (the fold's).
+    unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) != pg_sys::InvalidOid }
 }
 
 /// Adds a delta document to a stored `log_data` (the ON CONFLICT arm of the

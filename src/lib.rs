@@ -132,6 +132,19 @@ extension_sql_file!(
         worker::wake_applier
     ]
 );
+extension_sql_file!(
+    "../sql/citus.sql",
+    name = "citus",
+    requires = [
+        "schema",
+        "quotas",
+        "budgets",
+        "keys",
+        "hourly",
+        "prices",
+        "retention"
+    ]
+);
 extension_sql_file!("../sql/security.sql", name = "security", finalize);
 
 /// Announces a change of usage_agg.config to every backend (a relcache
@@ -145,12 +158,53 @@ CREATE FUNCTION usage_agg._config_changed() RETURNS trigger
 fn config_changed<'a>(
     trigger: &'a PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, std::convert::Infallible> {
-    // SAFETY: tg_relation is the table the trigger fired on.
+    // SAFETY: tg_relation is the table the trigger fired on, open for the
+    // trigger's duration; rd_rel is its pg_class row.
     unsafe {
-        let relid = (*trigger.trigger_data().tg_relation).rd_id;
+        let relation = trigger.trigger_data().tg_relation;
+        let relid = (*relation).rd_id;
         pg_sys::CacheInvalidateRelcacheByRelid(relid);
+        // On Citus the trigger fires on a node's shard of the table
+        // (config_102008): the caches watch the table's own name, so announce
+        // that one too.
+        let name = std::ffi::CStr::from_ptr((*(*relation).rd_rel).relname.data.as_ptr());
+        if let Some(base) = name.to_str().ok().and_then(citus_shard_base_name) {
+            let base = std::ffi::CString::new(base).expect("a relation name has no NUL");
+            let logical =
+                pg_sys::get_relname_relid(base.as_ptr(), (*(*relation).rd_rel).relnamespace);
+            if logical != pg_sys::InvalidOid {
+                pg_sys::CacheInvalidateRelcacheByRelid(logical);
+            }
+        }
     }
     Ok(None)
+}
+
+/// The table a Citus shard belongs to: `config_102008` is a shard of `config`
+/// (Citus names shards `<table>_<shard id>`). None for other names.
+pub fn citus_shard_base_name(name: &str) -> Option<&str> {
+    let (base, shard_id) = name.rsplit_once('_')?;
+    (!base.is_empty() && !shard_id.is_empty() && shard_id.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(base)
+}
+
+#[cfg(test)]
+mod citus_names {
+    use super::citus_shard_base_name;
+
+    #[test]
+    fn a_shard_name_gives_its_table() {
+        assert_eq!(citus_shard_base_name("config_102008"), Some("config"));
+        assert_eq!(
+            citus_shard_base_name("quota_plans_102010"),
+            Some("quota_plans")
+        );
+        assert_eq!(citus_shard_base_name("quota_plans"), None);
+        assert_eq!(citus_shard_base_name("user_limits"), None);
+        assert_eq!(citus_shard_base_name("_102008"), None);
+        assert_eq!(citus_shard_base_name("config_"), None);
+        assert_eq!(citus_shard_base_name("config_10a"), None);
+    }
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -5,7 +5,8 @@
 -- (key_daily_usage, key_daily_usage_by_model, key_monthly_usage, key_health,
 -- service_daily_usage, service_monthly_usage), key_usage_summary(),
 -- usage_overview() and verify_key_daily_logs(); rebuild_daily_logs() and the
--- daily roll-up cover them; pending_deltas.last_failure_at. Keeps all data and
+-- daily roll-up cover them; pending_deltas.last_failure_at; usage_agg.distribute()
+-- for Citus. Keeps all data and
 -- fills the new tables from it (see the end). A fresh install of 0.4.0 and
 -- 0.3.0 + this script give the same catalog (tests/upgrade.rs checks it).
 --
@@ -17,6 +18,11 @@
 
 -- No call may be folded between filling the new tables and the end of the update.
 LOCK TABLE usage_agg.key_usage_logs IN SHARE MODE;
+
+-- Helpers that read tables lose their SQL-standard bodies (Citus 13 cannot run
+-- those), and the restore triggers act on the table alone, not on a Citus shard.
+-- @replace usage_agg._timezone
+-- @replace usage_agg._retention_horizon_restore
 
 ALTER TABLE usage_agg.pending_deltas ADD COLUMN last_failure_at timestamptz;
 -- One row per call (all but bulk groups): exact; a bulk group: its newest call.
@@ -92,6 +98,7 @@ COMMENT ON COLUMN usage_agg.config.alert_retention IS
 CREATE INDEX quota_usage_logs_created_at ON usage_agg.quota_usage_logs USING brin (created_at);
 -- @replace usage_agg._config_validate
 -- @replace usage_agg._quota_plans_restore
+-- @replace usage_agg._quota_plans_propagate
 -- @include sql/budgets.sql
 -- _lock_quota returns the locked row alone (its updated_at: the step's instant).
 DROP FUNCTION usage_agg._lock_quota(uuid);
@@ -188,6 +195,10 @@ ALTER VIEW usage_agg.key_hourly_usage SET (security_invoker = true);
 REVOKE EXECUTE ON FUNCTION usage_agg.cleanup_old_hourly_logs(interval), usage_agg._rebuild_hours(date) FROM PUBLIC;
 ALTER VIEW usage_agg.unpriced_calls SET (security_invoker = true);
 REVOKE EXECUTE ON FUNCTION usage_agg.reprice_calls(timestamptz, timestamptz, integer) FROM PUBLIC;
+-- Citus: usage_agg.distribute() and what it needs (docs/citus.md).
+-- @include sql/citus.sql
+REVOKE EXECUTE ON FUNCTION usage_agg.distribute(), usage_agg._citus_prepare_node(),
+    usage_agg.sync_plan_quotas() FROM PUBLIC;
 
 -- ---------------------------------------------------------------------------
 -- Filling the new tables from what the database holds.
