@@ -74,6 +74,22 @@ bash "$UA_ROOT/scripts/pgbouncer.sh" start applier "$APPLIER_PORT" "$((PGBOUNCER
 trap 'bash "$UA_ROOT/scripts/pgbouncer.sh" stop itest; bash "$UA_ROOT/scripts/pgbouncer.sh" stop applier
       ua_cluster_stop itest; ua_cluster_stop applier' EXIT
 export USAGE_AGG_PGBOUNCER_PORT="$PGBOUNCER_PORT" USAGE_AGG_APPLIER_PGBOUNCER_PORT="$((PGBOUNCER_PORT + 1))"
+# A Citus coordinator and two workers (tests/citus.rs), where Citus 13.2.2 is
+# built for this version: from ../shared/vendor, once per machine.
+CITUS_PORT=$((PORT + 8))
+if [ "$UA_PG_MAJOR" != 15 ]; then
+    export USAGE_AGG_CITUS_SKIPPED="Citus 13.2.2 is built here for PostgreSQL 15 only (scripts/citus.sh); this run is PostgreSQL ${UA_PG_MAJOR}"
+elif ! bash "$UA_ROOT/scripts/citus.sh" build; then
+    export USAGE_AGG_CITUS_SKIPPED="Citus could not be built or found for PostgreSQL 15 (scripts/citus.sh build failed: see its output above)"
+else
+    bash "$UA_ROOT/scripts/citus.sh" start "$CITUS_PORT"
+    export USAGE_AGG_CITUS_PORT="$CITUS_PORT"
+    trap 'bash "$UA_ROOT/scripts/citus.sh" stop; bash "$UA_ROOT/scripts/pgbouncer.sh" stop itest
+          bash "$UA_ROOT/scripts/pgbouncer.sh" stop applier; ua_cluster_stop itest; ua_cluster_stop applier' EXIT
+fi
+if [ -n "${USAGE_AGG_CITUS_SKIPPED:-}" ]; then
+    ua_log "skipped: tests/citus.rs on a Citus cluster (${USAGE_AGG_CITUS_SKIPPED})"
+fi
 ua_log "PostgreSQL ${UA_PG_MAJOR}: integration tests against live clusters on ports ${PORT} and ${APPLIER_PORT}"
 # The tests are clients: one build of them (for 15) serves every server version.
 export USAGE_AGG_TEST_PORT="$PORT" USAGE_AGG_PG_BIN="$UA_PG_BIN" USAGE_AGG_PG_MAJOR="$UA_PG_MAJOR" \
