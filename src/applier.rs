@@ -156,7 +156,7 @@ pub fn apply_batch(client: &mut SpiClient<'_>, max_rows: i32, timezone: &str) ->
     if crate::settings::per_key_aggregates() {
         let mut rollups = keys::Rollups::of(&rows, &written);
         keys::take_pending(client, &mut rollups, max_rows);
-        keys::write(client, rollups);
+        keys::write(client, rollups, timezone);
     }
     hours::write_applied(client, &rows, &written.skipped, timezone, max_rows);
     if rows.is_empty() {

@@ -62,6 +62,23 @@ fn grouping_query(table: &str, skip_expired: bool, current_catalog: bool) -> Str
     } else {
         ("", "")
     };
+    grouping_query_filtered(table, horizon, filter, current_catalog)
+}
+
+/// The same as [`grouping_query`] of removed rows, with the detail horizon
+/// given as `$2` instead of read in the query: on Citus a query that joins the
+/// transition table with a Citus table (retention_horizon is a reference table
+/// there) cannot run, so [`KEPT_FROM`] reads it first.
+fn grouping_query_from_param(table: &str) -> String {
+    grouping_query_filtered(table, "", "WHERE t.created_at >= $2", true)
+}
+
+fn grouping_query_filtered(
+    table: &str,
+    horizon: &str,
+    filter: &str,
+    current_catalog: bool,
+) -> String {
     // `table` is one of the two constants above, never user input.
     format!(
         "SELECT t.user_id,
@@ -126,6 +143,28 @@ kept_statement! {
     GROUP_OLD_OLD_CATALOG {
         what: "reading the statement's removed rows",
         sql: Sql::Built(|| grouping_query(OLD_ROWS, true, false)),
+        args: [TEXTOID],
+        mutating: false,
+    }
+}
+
+kept_statement! {
+    /// GROUP_OLD on Citus, from the horizon [`KEPT_FROM`] read.
+    GROUP_OLD_FROM {
+        what: "reading the statement's removed rows",
+        sql: Sql::Built(|| grouping_query_from_param(OLD_ROWS)),
+        args: [TEXTOID, TIMESTAMPTZOID],
+        mutating: false,
+    }
+}
+
+kept_statement! {
+    /// The first instant whose detail still exists (in time zone $1).
+    KEPT_FROM {
+        what: "reading usage_agg.retention_horizon",
+        sql: Sql::Text("
+            SELECT COALESCE((SELECT usage_agg._day_start(h.detail_kept_from, $1)
+                               FROM usage_agg.retention_horizon h), '-infinity'::pg_catalog.timestamptz)"),
         args: [TEXTOID],
         mutating: false,
     }
@@ -216,6 +255,53 @@ kept_statement! {
                        AS u(user_id, day, delta, removed_last_at)
              WHERE d.user_id = u.user_id AND d.date = DATE '2000-01-01' + u.day"),
         args: [UUIDARRAYOID, INT4ARRAYOID, JSONBARRAYOID, INT8ARRAYOID, TEXTOID],
+        mutating: true,
+    }
+}
+
+// On Citus a correction is folded in the trigger on the shard, where only a
+// query on one user's colocated shards can run (Citus executes it here, on the
+// shard's node): ENSURE_DAYS, LOCK_DAYS and APPLY_CORRECTIONS for one (user,
+// day) at a time.
+kept_statement! {
+    ENSURE_DAY {
+        what: "creating a daily row for a correction",
+        sql: Sql::Text("
+            INSERT INTO usage_agg.daily_logs AS d (user_id, date, log_data, last_modified)
+            VALUES ($1, DATE '2000-01-01' + $2, usage_agg._empty_log_data(), pg_catalog.now())
+            ON CONFLICT (user_id, date) DO NOTHING"),
+        args: [UUIDOID, INT4OID],
+        mutating: true,
+    }
+}
+
+kept_statement! {
+    LOCK_DAY {
+        what: "locking a daily row",
+        sql: Sql::Text("
+            SELECT 1 FROM usage_agg.daily_logs d
+             WHERE d.user_id = $1 AND d.date = DATE '2000-01-01' + $2
+               FOR UPDATE OF d"),
+        args: [UUIDOID, INT4OID],
+        mutating: true,
+    }
+}
+
+kept_statement! {
+    APPLY_CORRECTION {
+        what: "correcting a daily row",
+        sql: Sql::Text("
+            UPDATE usage_agg.daily_logs d
+               SET log_data = usage_agg._fold_correct(
+                       d.log_data, $3, d.user_id, d.date, $4,
+                       (SELECT (extract(epoch FROM max(k.created_at)) * 1000000)::int8
+                          FROM usage_agg.key_usage_logs k
+                         WHERE k.user_id = $1
+                           AND k.created_at >= usage_agg._day_start(DATE '2000-01-01' + $2, $5)
+                           AND k.created_at <  usage_agg._day_start(DATE '2000-01-01' + $2 + 1, $5))),
+                   last_modified = pg_catalog.now()
+             WHERE d.user_id = $1 AND d.date = DATE '2000-01-01' + $2"),
+        args: [UUIDOID, INT4OID, JSONBOID, INT8OID, TEXTOID],
         mutating: true,
     }
 }
@@ -346,6 +432,17 @@ pub fn read_groups_in_sql(
     timezone: &str,
     out: &mut Vec<Group>,
 ) {
+    if removed && current_catalog && citus_loaded() {
+        let kept_from = KEPT_FROM
+            .run(client, &[timezone.into()])
+            .first()
+            .get::<pgrx::datum::TimestampWithTimeZone>(1)
+            .unwrap_or_else(|e| errors::internal("reading usage_agg.retention_horizon", e))
+            .unwrap_or_else(|| errors::internal("reading usage_agg.retention_horizon", "NULL"));
+        let rows = GROUP_OLD_FROM.run(client, &[timezone.into(), kept_from.into()]);
+        collect_groups(rows, removed, out);
+        return;
+    }
     let statement = match (removed, current_catalog) {
         (true, true) => &GROUP_OLD,
         (true, false) => &GROUP_OLD_OLD_CATALOG,
@@ -631,7 +728,32 @@ fn write_day_rows(
         }
     }
 
-    if !fix_users.is_empty() {
+    if !fix_users.is_empty() && citus_loaded() {
+        for (user, day) in fix_users.iter().zip(&fix_days) {
+            ENSURE_DAY.run(client, &[(*user).into(), (*day).into()]);
+        }
+        // In key order, as LOCK_DAYS does (groups is sorted).
+        for (user, day) in fix_users.iter().zip(&fix_days) {
+            LOCK_DAY.run(client, &[(*user).into(), (*day).into()]);
+        }
+        for (((user, day), doc), removed) in fix_users
+            .into_iter()
+            .zip(fix_days)
+            .zip(fix_docs)
+            .zip(fix_removed)
+        {
+            APPLY_CORRECTION.run(
+                client,
+                &[
+                    user.into(),
+                    day.into(),
+                    doc.into(),
+                    removed.into(),
+                    timezone.into(),
+                ],
+            );
+        }
+    } else if !fix_users.is_empty() {
         ENSURE_DAYS.run(client, &[fix_users.clone().into(), fix_days.clone().into()]);
         LOCK_DAYS.run(client, &[fix_users.clone().into(), fix_days.clone().into()]);
         APPLY_CORRECTIONS.run(
@@ -683,7 +805,7 @@ fn write_day_rows(
 
 /// Whether Citus is installed in this database (an index lookup in
 /// pg_extension; only multi-row writes ask).
-fn citus_loaded() -> bool {
+pub fn citus_loaded() -> bool {
     // SAFETY: a catalog lookup by name, inside a transaction (the fold's).
     unsafe { pg_sys::get_extension_oid(c"citus".as_ptr(), true) != pg_sys::InvalidOid }
 }

@@ -279,8 +279,118 @@ kept_statement! {
     }
 }
 
-/// Folds `rollups` into key_daily_logs and service_daily_logs (the applier).
-pub fn write(client: &SpiClient<'_>, rollups: Rollups) {
+// On Citus, the newest calls of a corrected key's (or the service's) day come
+// from a query of their own (a query over every user's shards cannot run
+// inside the UPDATE of one row), and each row is corrected by itself.
+kept_statement! {
+    /// The newest call and failure of a day in the detail, of key `$1` (NULL:
+    /// every call), in Unix microseconds.
+    NEWEST_IN_DETAIL {
+        what: "reading the newest calls of a corrected day",
+        sql: Sql::Text("
+            SELECT (extract(epoch FROM max(x.created_at)) * 1000000)::int8,
+                   (extract(epoch FROM max(x.created_at) FILTER (WHERE NOT x.success)) * 1000000)::int8
+              FROM usage_agg.key_usage_logs x
+             WHERE x.created_at >= usage_agg._day_start(DATE '2000-01-01' + $2, $3)
+               AND x.created_at <  usage_agg._day_start(DATE '2000-01-01' + $2 + 1, $3)
+               AND ($1::pg_catalog.uuid IS NULL OR x.shared_key_id = $1::pg_catalog.uuid)"),
+        args: [TEXTOID, INT4OID, TEXTOID],
+        mutating: false,
+    }
+}
+
+kept_statement! {
+    DETAIL_KEPT_FROM {
+        what: "reading usage_agg.retention_horizon",
+        sql: Sql::Text("SELECT h.detail_kept_from FROM usage_agg.retention_horizon h"),
+        args: [],
+        mutating: false,
+    }
+}
+
+/// One row of [`correct_query`]'s UPDATE with the newest calls given.
+/// `table` and its columns are constants of this module.
+fn correct_one_query(table: &str, alias: &str, key_column: Option<&str>) -> String {
+    let key = key_column.map_or(String::new(), |c| {
+        format!("{alias}.{c} = $1::pg_catalog.uuid AND")
+    });
+    format!(
+        "UPDATE usage_agg.{table} {alias}
+            SET log_data = usage_agg._rollup_correct_last({alias}.log_data, $3, $4,
+                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_call_at', $3) THEN $5 END,
+                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_failure_at', $4) THEN $6 END),
+                last_modified = pg_catalog.now()
+          WHERE {key} {alias}.date = DATE '2000-01-01' + $2 AND {alias}.date >= $7"
+    )
+}
+
+kept_statement! {
+    CORRECT_KEY_DAY {
+        what: "correcting a per-key daily row",
+        sql: Sql::Built(|| correct_one_query("key_daily_logs", "k", Some("shared_key_id"))),
+        args: [TEXTOID, INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, DATEOID],
+        mutating: true,
+    }
+}
+
+kept_statement! {
+    CORRECT_SERVICE_DAY {
+        what: "correcting a service daily row",
+        sql: Sql::Built(|| correct_one_query("service_daily_logs", "s", None)),
+        args: [TEXTOID, INT4OID, INT8OID, INT8OID, INT8OID, INT8OID, DATEOID],
+        mutating: true,
+    }
+}
+
+/// The corrections of [`write`] one row at a time (Citus).
+fn correct_one_by_one(
+    client: &SpiClient<'_>,
+    statement: &'static crate::plans::KeptStatement,
+    fix: (
+        Vec<Option<String>>,
+        Vec<i32>,
+        Vec<Option<i64>>,
+        Vec<Option<i64>>,
+    ),
+    timezone: &str,
+) {
+    let kept_from = DETAIL_KEPT_FROM
+        .run(client, &[])
+        .first()
+        .get::<pgrx::datum::Date>(1)
+        .unwrap_or_else(|e| errors::internal("reading usage_agg.retention_horizon", e))
+        .unwrap_or_else(|| errors::internal("reading usage_agg.retention_horizon", "no row"));
+    let (keys, days, removed, removed_failure) = fix;
+    for (((key, day), removed), removed_failure) in
+        keys.into_iter().zip(days).zip(removed).zip(removed_failure)
+    {
+        let newest =
+            NEWEST_IN_DETAIL.run(client, &[key.clone().into(), day.into(), timezone.into()]);
+        let newest = newest.first();
+        let read = |i: usize| {
+            newest.get::<i64>(i).unwrap_or_else(|e| {
+                errors::internal("reading the newest calls of a corrected day", e)
+            })
+        };
+        let (last, last_failure) = (read(1), read(2));
+        statement.run(
+            client,
+            &[
+                key.into(),
+                day.into(),
+                removed.into(),
+                removed_failure.into(),
+                last.into(),
+                last_failure.into(),
+                kept_from.into(),
+            ],
+        );
+    }
+}
+
+/// Folds `rollups` into key_daily_logs and service_daily_logs (the applier;
+/// `timezone` the business time zone, for the days of corrections on Citus).
+pub fn write(client: &SpiClient<'_>, rollups: Rollups, timezone: &str) {
     if rollups.is_empty() {
         return;
     }
@@ -324,6 +434,17 @@ pub fn write(client: &SpiClient<'_>, rollups: Rollups) {
             docs.push(Jsonb(delta.to_document()));
         }
         UPSERT_SERVICE_DAYS.run(client, &[days.into(), docs.into()]);
+    }
+    if crate::fold::citus_loaded() {
+        for (statement, fix) in [
+            (&CORRECT_KEY_DAY, key_fix),
+            (&CORRECT_SERVICE_DAY, service_fix),
+        ] {
+            if !fix.1.is_empty() {
+                correct_one_by_one(client, statement, fix, timezone);
+            }
+        }
+        return;
     }
     for (statement, fix) in [
         (&CORRECT_KEY_DAYS, key_fix),

@@ -72,14 +72,21 @@ fn distributed(coordinator: u16) -> &'static Vec<String> {
     })
 }
 
-/// Waits until no node has calls pending: every applier has folded its own.
+/// Waits until no node has calls pending, nor per-key deltas of corrections:
+/// every applier has folded its own.
 fn wait_until_every_node_folded(coordinator: u16) {
     for port in nodes(coordinator) {
         let mut c = connect(port);
         wait_for(
             &mut c,
             &format!("the applier on port {port} to fold its calls"),
-            |c| scalar_i64(c, "SELECT pending_calls FROM usage_agg.fold_status") == 0,
+            |c| {
+                scalar_i64(
+                    c,
+                    "SELECT (SELECT pending_calls FROM usage_agg.fold_status)
+                            + (SELECT count(*) FROM usage_agg.pending_key_deltas)",
+                ) == 0
+            },
         );
     }
 }
@@ -487,5 +494,117 @@ fn a_shard_moved_to_the_other_worker_keeps_folding() {
             &[&k, &day]
         ),
         vec!["6 1"]
+    );
+}
+
+#[test]
+fn corrections_fold_exactly_per_user_key_and_service_day() {
+    let Some(port) = citus_port("corrections_fold_exactly_per_user_key_and_service_day") else {
+        return;
+    };
+    distributed(port);
+    let users: Vec<String> = (401..=404).map(user).collect();
+    let k = key(401);
+    let day = "2026-11-24";
+    let mut c = connect(port);
+    // Call g (1..40) at 10:00 + g minutes, of user 401 + g % 4; every third
+    // one failed.
+    c.execute(
+        "INSERT INTO usage_agg.key_usage_logs (user_id, shared_key_id, model_used, tokens_used, cost_estimate, success, created_at)
+         SELECT ($1::text[]::uuid[])[g % 4 + 1], $2::text::uuid, 'gpt-4o', 10, 0.25, g % 3 <> 0,
+                $3::text::timestamptz + g * interval '1 minute'
+           FROM generate_series(1, 40) g",
+        &[&users, &k, &format!("{day} 10:00+00")],
+    )
+    .unwrap();
+    wait_until_every_node_folded(port);
+    let at = |hm: &str| format!("{day} {hm}+00");
+    // Through the coordinator and through each worker, one user and several.
+    c.execute(
+        "UPDATE usage_agg.key_usage_logs SET cost_estimate = 1
+          WHERE user_id = $1::text::uuid AND created_at < $2::text::timestamptz",
+        &[&users[0], &at("10:20")],
+    )
+    .unwrap();
+    connect(port + 1)
+        .execute(
+            "DELETE FROM usage_agg.key_usage_logs WHERE user_id = $1::text::uuid AND created_at > $2::text::timestamptz",
+            &[&users[1], &at("10:30")],
+        )
+        .unwrap();
+    c.execute(
+        "UPDATE usage_agg.key_usage_logs SET tokens_used = 20
+          WHERE shared_key_id = $1::text::uuid AND created_at < $2::text::timestamptz",
+        &[&k, &at("10:10")],
+    )
+    .unwrap();
+    // The newest call of user 401's day and of the key's day.
+    connect(port + 2)
+        .execute(
+            "DELETE FROM usage_agg.key_usage_logs WHERE shared_key_id = $1::text::uuid AND created_at = $2::text::timestamptz",
+            &[&k, &at("10:40")],
+        )
+        .unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.execute(
+        "DELETE FROM usage_agg.key_usage_logs WHERE shared_key_id = $1::text::uuid",
+        &[&k],
+    )
+    .unwrap();
+    tx.rollback().unwrap();
+    wait_until_every_node_folded(port);
+
+    let expected = vec![
+        format!("{} 9 110 5.25 {day}T10:36:00Z", users[0]),
+        format!("{} 8 110 2 {day}T10:29:00Z", users[1]),
+        format!("{} 10 120 2.5 {day}T10:38:00Z", users[2]),
+        format!("{} 10 120 2.5 {day}T10:39:00Z", users[3]),
+    ];
+    assert_eq!(
+        texts(
+            &mut c,
+            "SELECT user_id || ' ' || (log_data->>'api_call_count') || ' '
+                    || (log_data->'shared_service_usage'->>'tokens_used') || ' '
+                    || trim_scale((log_data->'shared_service_usage'->>'estimated_cost')::numeric) || ' '
+                    || (log_data->>'last_api_call_at')
+               FROM usage_agg.daily_logs WHERE user_id = ANY ($1::text[]::uuid[]) ORDER BY user_id",
+            &[&users]
+        ),
+        expected
+    );
+    assert_eq!(
+        texts(
+            &mut c,
+            "SELECT user_id || ' ' || count(*) || ' ' || sum(tokens_used) || ' ' || trim_scale(sum(cost_estimate)) || ' '
+                    || to_char(max(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+               FROM usage_agg.key_usage_logs WHERE user_id = ANY ($1::text[]::uuid[]) GROUP BY user_id ORDER BY user_id",
+            &[&users]
+        ),
+        expected
+    );
+    // The key's day and the service's: 37 calls, the newest call and failure
+    // read again from the detail after the newest was deleted.
+    let rollup = format!("37 460 12.25 4 {day}T10:39:00Z {day}T10:39:00Z");
+    assert_eq!(
+        texts(
+            &mut c,
+            "SELECT (log_data->>'total_calls') || ' ' || (log_data->>'tokens_used') || ' '
+                    || trim_scale((log_data->>'estimated_cost')::numeric) || ' ' || (log_data->>'users') || ' '
+                    || (log_data->>'last_call_at') || ' ' || (log_data->>'last_failure_at')
+               FROM usage_agg.key_daily_logs WHERE shared_key_id = $1::text::uuid AND date = $2::text::date",
+            &[&k, &day]
+        ),
+        vec![rollup.clone()]
+    );
+    assert_eq!(
+        texts(
+            &mut c,
+            "SELECT (log_data->>'total_calls') || ' ' || (log_data->>'tokens_used') || ' '
+                    || trim_scale((log_data->>'estimated_cost')::numeric) || ' ' || (log_data->>'users') || ' '
+                    || (log_data->>'last_call_at') || ' ' || (log_data->>'last_failure_at')
+               FROM usage_agg.service_daily_logs WHERE date = $1::text::date",
+            &[&day]
+        ),
+        vec![rollup]
     );
 }
