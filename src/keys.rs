@@ -342,16 +342,20 @@ kept_statement! {
     }
 }
 
+/// The corrections of an apply, as arrays: keys (None: the service), days,
+/// and the newest call and failure removed (Unix microseconds).
+type Corrections = (
+    Vec<Option<String>>,
+    Vec<i32>,
+    Vec<Option<i64>>,
+    Vec<Option<i64>>,
+);
+
 /// The corrections of [`write`] one row at a time (Citus).
 fn correct_one_by_one(
     client: &SpiClient<'_>,
     statement: &'static crate::plans::KeptStatement,
-    fix: (
-        Vec<Option<String>>,
-        Vec<i32>,
-        Vec<Option<i64>>,
-        Vec<Option<i64>>,
-    ),
+    fix: Corrections,
     timezone: &str,
 ) {
     let kept_from = DETAIL_KEPT_FROM
@@ -394,12 +398,6 @@ pub fn write(client: &SpiClient<'_>, rollups: Rollups, timezone: &str) {
     if rollups.is_empty() {
         return;
     }
-    type Corrections = (
-        Vec<Option<String>>,
-        Vec<i32>,
-        Vec<Option<i64>>,
-        Vec<Option<i64>>,
-    );
     let mut key_fix: Corrections = Default::default();
     let mut service_fix: Corrections = Default::default();
     let push_fix = |fix: &mut Corrections, key: Option<String>, day: i32, d: &RollupDelta| {
