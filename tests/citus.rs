@@ -91,6 +91,22 @@ fn wait_until_every_node_folded(coordinator: u16) {
     }
 }
 
+/// Every (user, hour) of `users` as "user hour calls successful tokens cost",
+/// from hourly_logs (`from_detail` false) or from a GROUP BY over the detail.
+/// The business time zone is UTC, so an hour is `date_trunc('hour', ...)`.
+fn user_hours(c: &mut Client, users: &[String], from_detail: bool) -> Vec<String> {
+    let sql = if from_detail {
+        "SELECT user_id || ' ' || date_trunc('hour', created_at) || ' ' || count(*) || ' '
+                || count(*) FILTER (WHERE success) || ' ' || sum(tokens_used) || ' ' || trim_scale(sum(cost_estimate))
+           FROM usage_agg.key_usage_logs WHERE user_id = ANY ($1::text[]::uuid[])
+          GROUP BY user_id, date_trunc('hour', created_at) ORDER BY 1"
+    } else {
+        "SELECT user_id || ' ' || hour || ' ' || calls || ' ' || successful || ' ' || tokens || ' ' || trim_scale(cost)
+           FROM usage_agg.hourly_logs WHERE user_id = ANY ($1::text[]::uuid[]) AND calls <> 0 ORDER BY 1"
+    };
+    texts(c, sql, &[&users])
+}
+
 /// The port of the worker holding `user`'s shard of key_usage_logs.
 fn worker_of(c: &mut Client, user: &str) -> i32 {
     c.query_one(
@@ -354,6 +370,10 @@ fn inserts_fold_exactly_through_the_coordinator_and_through_each_worker() {
         ),
         vec!["today 10 5 170 2.01", "month 10 5 170 2.01", "all_time 10 5 170 2.01"]
     );
+    // The hourly tier: four hours per user.
+    let hours = user_hours(&mut c, &users, false);
+    assert_eq!(hours.len(), 32);
+    assert_eq!(hours, user_hours(&mut c, &users, true));
 }
 
 #[test]
@@ -607,4 +627,8 @@ fn corrections_fold_exactly_per_user_key_and_service_day() {
         ),
         vec![rollup]
     );
+    // The hourly tier after the corrections: each user's 10:00 hour.
+    let hours = user_hours(&mut c, &users, false);
+    assert_eq!(hours.len(), 4);
+    assert_eq!(hours, user_hours(&mut c, &users, true));
 }
