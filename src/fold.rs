@@ -159,12 +159,13 @@ kept_statement! {
 }
 
 kept_statement! {
-    /// The first instant whose detail still exists (in time zone $1).
+    /// The first day whose detail still exists, and its first instant (in
+    /// time zone $1).
     KEPT_FROM {
         what: "reading usage_agg.retention_horizon",
         sql: Sql::Text("
-            SELECT COALESCE((SELECT usage_agg._day_start(h.detail_kept_from, $1)
-                               FROM usage_agg.retention_horizon h), '-infinity'::pg_catalog.timestamptz)"),
+            SELECT h.detail_kept_from, usage_agg._day_start(h.detail_kept_from, $1)
+              FROM usage_agg.retention_horizon h"),
         args: [TEXTOID],
         mutating: false,
     }
@@ -436,7 +437,7 @@ pub fn read_groups_in_sql(
         let kept_from = KEPT_FROM
             .run(client, &[timezone.into()])
             .first()
-            .get::<pgrx::datum::TimestampWithTimeZone>(1)
+            .get::<pgrx::datum::TimestampWithTimeZone>(2)
             .unwrap_or_else(|e| errors::internal("reading usage_agg.retention_horizon", e))
             .unwrap_or_else(|| errors::internal("reading usage_agg.retention_horizon", "NULL"));
         let rows = GROUP_OLD_FROM.run(client, &[timezone.into(), kept_from.into()]);

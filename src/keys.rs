@@ -233,6 +233,26 @@ kept_statement! {
     }
 }
 
+/// The corrected document of `alias`'s row: the newest call and failure
+/// removed (`removed_last`, `removed_failure`) replaced by the detail's
+/// (`last`, `last_failure`, read only where `_needs_detail` says so). All
+/// arguments are SQL fragments of this module.
+fn corrected_log_data(
+    alias: &str,
+    removed_last: &str,
+    removed_failure: &str,
+    last: &str,
+    last_failure: &str,
+) -> String {
+    format!(
+        "usage_agg._rollup_correct_last({alias}.log_data, {removed_last}, {removed_failure},
+                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_call_at', {removed_last})
+                         THEN {last} END,
+                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_failure_at', {removed_failure})
+                         THEN {last_failure} END)"
+    )
+}
+
 /// After removals: the newest call and failure of a day, read from the
 /// detail (`_detail_newest`, which the views use too) where the stored ones may
 /// have been removed. `table` and its columns are constants of this module.
@@ -244,14 +264,16 @@ fn correct_query(table: &str, alias: &str, key_column: Option<&str>) -> String {
             "(extract(epoch FROM usage_agg._detail_newest({key}, {alias}.date, {failed})) * 1000000)::int8"
         )
     };
-    let (last, last_failure) = (newest(false), newest(true));
+    let log_data = corrected_log_data(
+        alias,
+        "u.removed_last",
+        "u.removed_failure",
+        &newest(false),
+        &newest(true),
+    );
     format!(
         "UPDATE usage_agg.{table} {alias}
-            SET log_data = usage_agg._rollup_correct_last({alias}.log_data, u.removed_last, u.removed_failure,
-                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_call_at', u.removed_last)
-                         THEN {last} END,
-                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_failure_at', u.removed_failure)
-                         THEN {last_failure} END),
+            SET log_data = {log_data},
                 last_modified = pg_catalog.now()
            FROM ROWS FROM (pg_catalog.unnest($1::text[]), pg_catalog.unnest($2::int4[]),
                            pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]))
@@ -299,26 +321,16 @@ kept_statement! {
     }
 }
 
-kept_statement! {
-    DETAIL_KEPT_FROM {
-        what: "reading usage_agg.retention_horizon",
-        sql: Sql::Text("SELECT h.detail_kept_from FROM usage_agg.retention_horizon h"),
-        args: [],
-        mutating: false,
-    }
-}
-
 /// One row of [`correct_query`]'s UPDATE with the newest calls given.
 /// `table` and its columns are constants of this module.
 fn correct_one_query(table: &str, alias: &str, key_column: Option<&str>) -> String {
     let key = key_column.map_or(String::new(), |c| {
         format!("{alias}.{c} = $1::pg_catalog.uuid AND")
     });
+    let log_data = corrected_log_data(alias, "$3", "$4", "$5", "$6");
     format!(
         "UPDATE usage_agg.{table} {alias}
-            SET log_data = usage_agg._rollup_correct_last({alias}.log_data, $3, $4,
-                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_call_at', $3) THEN $5 END,
-                    CASE WHEN usage_agg._needs_detail({alias}.log_data->>'last_failure_at', $4) THEN $6 END),
+            SET log_data = {log_data},
                 last_modified = pg_catalog.now()
           WHERE {key} {alias}.date = DATE '2000-01-01' + $2 AND {alias}.date >= $7"
     )
@@ -358,8 +370,8 @@ fn correct_one_by_one(
     fix: Corrections,
     timezone: &str,
 ) {
-    let kept_from = DETAIL_KEPT_FROM
-        .run(client, &[])
+    let kept_from = crate::fold::KEPT_FROM
+        .run(client, &[timezone.into()])
         .first()
         .get::<pgrx::datum::Date>(1)
         .unwrap_or_else(|e| errors::internal("reading usage_agg.retention_horizon", e))
@@ -433,7 +445,8 @@ pub fn write(client: &SpiClient<'_>, rollups: Rollups, timezone: &str) {
         }
         UPSERT_SERVICE_DAYS.run(client, &[days.into(), docs.into()]);
     }
-    if crate::fold::citus_loaded() {
+    let corrections = !key_fix.1.is_empty() || !service_fix.1.is_empty();
+    if corrections && crate::fold::citus_loaded() {
         for (statement, fix) in [
             (&CORRECT_KEY_DAY, key_fix),
             (&CORRECT_SERVICE_DAY, service_fix),
