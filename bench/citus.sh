@@ -70,20 +70,14 @@ sed 's/usage_agg\.key_usage_logs/bench.plpgsql_calls/' "$BENCH/insert_one.pgbenc
 cp "$BENCH/insert_one.pgbench" "$TMP/default.pgbench"
 chmod 644 "$TMP"/*.pgbench
 
-wal_sum() {
+# sum_over_nodes SQL: the integer SQL returns, summed over the three nodes.
+sum_over_nodes() {
     local total=0 n
-    for n in "${NODES[@]}"; do
-        total=$((total + $(sql "$n" "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")))
-    done
+    for n in "${NODES[@]}"; do total=$((total + $(sql "$n" "$1"))); done
     echo "$total"
 }
-pending_sum() {
-    local total=0 n
-    for n in "${NODES[@]}"; do
-        total=$((total + $(sql "$n" "SELECT pending_calls FROM usage_agg.fold_status")))
-    done
-    echo "$total"
-}
+wal_sum() { sum_over_nodes "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn"; }
+pending_sum() { sum_over_nodes "SELECT pending_calls FROM usage_agg.fold_status"; }
 
 RAW="$TMP/raw"
 : >"$RAW"

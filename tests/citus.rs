@@ -107,6 +107,27 @@ fn user_hours(c: &mut Client, users: &[String], from_detail: bool) -> Vec<String
     texts(c, sql, &[&users])
 }
 
+/// A key's day (`key` Some) or the service's day as "calls tokens cost users
+/// last_call_at last_failure_at".
+fn rollup_day(c: &mut Client, key: Option<&str>, day: &str) -> Option<String> {
+    // Table names and filters are this function's constants.
+    let (table, key_filter) = match key {
+        Some(_) => ("key_daily_logs", "shared_key_id = $1::text::uuid"),
+        None => ("service_daily_logs", "$1::text IS NULL"),
+    };
+    c.query_opt(
+        &format!(
+            "SELECT (log_data->>'total_calls') || ' ' || (log_data->>'tokens_used') || ' '
+                    || trim_scale((log_data->>'estimated_cost')::numeric) || ' ' || (log_data->>'users') || ' '
+                    || (log_data->>'last_call_at') || ' ' || (log_data->>'last_failure_at')
+               FROM usage_agg.{table} WHERE {key_filter} AND date = $2::text::date"
+        ),
+        &[&key, &day],
+    )
+    .expect("a key's or the service's day")
+    .map(|r| r.get(0))
+}
+
 /// The port of the worker holding `user`'s shard of key_usage_logs.
 fn worker_of(c: &mut Client, user: &str) -> i32 {
     c.query_one(
@@ -605,28 +626,8 @@ fn corrections_fold_exactly_per_user_key_and_service_day() {
     // The key's day and the service's: 37 calls, the newest call and failure
     // read again from the detail after the newest was deleted.
     let rollup = format!("37 460 12.25 4 {day}T10:39:00Z {day}T10:39:00Z");
-    assert_eq!(
-        texts(
-            &mut c,
-            "SELECT (log_data->>'total_calls') || ' ' || (log_data->>'tokens_used') || ' '
-                    || trim_scale((log_data->>'estimated_cost')::numeric) || ' ' || (log_data->>'users') || ' '
-                    || (log_data->>'last_call_at') || ' ' || (log_data->>'last_failure_at')
-               FROM usage_agg.key_daily_logs WHERE shared_key_id = $1::text::uuid AND date = $2::text::date",
-            &[&k, &day]
-        ),
-        vec![rollup.clone()]
-    );
-    assert_eq!(
-        texts(
-            &mut c,
-            "SELECT (log_data->>'total_calls') || ' ' || (log_data->>'tokens_used') || ' '
-                    || trim_scale((log_data->>'estimated_cost')::numeric) || ' ' || (log_data->>'users') || ' '
-                    || (log_data->>'last_call_at') || ' ' || (log_data->>'last_failure_at')
-               FROM usage_agg.service_daily_logs WHERE date = $1::text::date",
-            &[&day]
-        ),
-        vec![rollup]
-    );
+    assert_eq!(rollup_day(&mut c, Some(&k), day), Some(rollup.clone()));
+    assert_eq!(rollup_day(&mut c, None, day), Some(rollup));
     // The hourly tier after the corrections: each user's 10:00 hour.
     let hours = user_hours(&mut c, &users, false);
     assert_eq!(hours.len(), 4);
