@@ -48,37 +48,19 @@ pub fn hour_of_sql(column: &str, timezone: &str) -> String {
 /// Groups a transition table per (user, business day, model, key, hour). The
 /// day and hour are computed from the row's own `created_at` in the configured
 /// time zone.
-/// Rows removed (`skip_expired`) are counted only from the detail horizon on:
-/// before it the retention cleanup deletes detail whose aggregates must stay.
+/// Rows removed (`skip_expired`) are counted only from the detail horizon on
+/// (`$2`, read by [`KEPT_FROM`] first): before it the retention cleanup deletes
+/// detail whose aggregates must stay. The transition table is the query's
+/// only table: on Citus a query that joins it with a Citus table (there
+/// retention_horizon is a reference table) cannot be deparsed.
 /// `$1` is the business time zone (the backend's cached config). The key is
 /// grouped as a uuid and printed once per group, not once per row.
 fn grouping_query(table: &str, skip_expired: bool, current_catalog: bool) -> String {
-    let (horizon, filter) = if skip_expired {
-        (
-            "CROSS JOIN (SELECT usage_agg._day_start(h.detail_kept_from, $1) AS kept_from
-                           FROM usage_agg.retention_horizon h) hz",
-            "WHERE t.created_at >= hz.kept_from",
-        )
+    let filter = if skip_expired {
+        "WHERE t.created_at >= $2"
     } else {
-        ("", "")
+        ""
     };
-    grouping_query_filtered(table, horizon, filter, current_catalog)
-}
-
-/// The same as [`grouping_query`] of removed rows, with the detail horizon
-/// given as `$2` instead of read in the query: on Citus a query that joins the
-/// transition table with a Citus table (retention_horizon is a reference table
-/// there) cannot run, so [`KEPT_FROM`] reads it first.
-fn grouping_query_from_param(table: &str) -> String {
-    grouping_query_filtered(table, "", "WHERE t.created_at >= $2", true)
-}
-
-fn grouping_query_filtered(
-    table: &str,
-    horizon: &str,
-    filter: &str,
-    current_catalog: bool,
-) -> String {
     // `table` is one of the two constants above, never user input.
     format!(
         "SELECT t.user_id,
@@ -93,7 +75,6 @@ fn grouping_query_filtered(
                 (extract(epoch FROM max(t.created_at) FILTER (WHERE NOT t.success)) * 1000000)::int8,
                 {kinds}
            FROM {table} t
-          {horizon}
           {filter}
           GROUP BY 1, 2, 3, t.shared_key_id, {hour}",
         hour = hour_of_sql("t.created_at", "$1"),
@@ -133,7 +114,7 @@ kept_statement! {
     GROUP_OLD {
         what: "reading the statement's removed rows",
         sql: Sql::Built(|| grouping_query(OLD_ROWS, true, true)),
-        args: [TEXTOID],
+        args: [TEXTOID, TIMESTAMPTZOID],
         mutating: false,
     }
 }
@@ -143,16 +124,6 @@ kept_statement! {
     GROUP_OLD_OLD_CATALOG {
         what: "reading the statement's removed rows",
         sql: Sql::Built(|| grouping_query(OLD_ROWS, true, false)),
-        args: [TEXTOID],
-        mutating: false,
-    }
-}
-
-kept_statement! {
-    /// GROUP_OLD on Citus, from the horizon [`KEPT_FROM`] read.
-    GROUP_OLD_FROM {
-        what: "reading the statement's removed rows",
-        sql: Sql::Built(|| grouping_query_from_param(OLD_ROWS)),
         args: [TEXTOID, TIMESTAMPTZOID],
         mutating: false,
     }
@@ -433,24 +404,23 @@ pub fn read_groups_in_sql(
     timezone: &str,
     out: &mut Vec<Group>,
 ) {
-    if removed && current_catalog && citus_loaded() {
-        let kept_from = KEPT_FROM
-            .run(client, &[timezone.into()])
-            .first()
-            .get::<pgrx::datum::TimestampWithTimeZone>(2)
-            .unwrap_or_else(|e| errors::internal("reading usage_agg.retention_horizon", e))
-            .unwrap_or_else(|| errors::internal("reading usage_agg.retention_horizon", "NULL"));
-        let rows = GROUP_OLD_FROM.run(client, &[timezone.into(), kept_from.into()]);
-        collect_groups(rows, removed, out);
-        return;
-    }
     let statement = match (removed, current_catalog) {
         (true, true) => &GROUP_OLD,
         (true, false) => &GROUP_OLD_OLD_CATALOG,
         (false, true) => &GROUP_NEW,
         (false, false) => &GROUP_NEW_OLD_CATALOG,
     };
-    let rows = statement.run(client, &[timezone.into()]);
+    let rows = if removed {
+        let kept_from = KEPT_FROM
+            .run(client, &[timezone.into()])
+            .first()
+            .get::<pgrx::datum::TimestampWithTimeZone>(2)
+            .unwrap_or_else(|e| errors::internal("reading usage_agg.retention_horizon", e))
+            .unwrap_or_else(|| errors::internal("reading usage_agg.retention_horizon", "no row"));
+        statement.run(client, &[timezone.into(), kept_from.into()])
+    } else {
+        statement.run(client, &[timezone.into()])
+    };
     collect_groups(rows, removed, out);
 }
 
